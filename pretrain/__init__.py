@@ -1,0 +1,1 @@
+"""Pretraining models (ViT encoder, CapPa)."""
