@@ -21,7 +21,7 @@ def get_config(arg=None):
       pp="decode|value_range(-1, 1)|keep('image', 'label')",
       shuffle_buffer_size=5_000,
   )
-  c.num_classes = 24  # scenes: shape x colour of the main object.
+  c.num_classes = 42  # scenes: shape (6) x colour (7) of the main object.
   c.model = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap")
 
   c.optax_name = "adamw"

@@ -33,14 +33,16 @@ def manager(directory: str, keep: int = 3, async_save: bool = True,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
       read_only=read_only, cleanup_tmp_directories=not read_only)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  handlers = {"params": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
+              "input": ocp.JsonCheckpointHandler()}
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, params: Any, train: Any,
          input_state: Mapping) -> None:
   mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.StandardSave(params),
-      train=ocp.args.StandardSave(train),
+      params=ocp.args.PyTreeSave(params),
+      train=ocp.args.PyTreeSave(train),
       input=ocp.args.JsonSave(dict(input_state))), force=True)
 
 
@@ -75,11 +77,18 @@ def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: An
         "to start over.")
 
 
+def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
+  """Restores into the dtypes and shardings of `abstract` (ShapeDtypeStructs with .sharding)."""
+  return ocp.args.PyTreeRestore(
+      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+      partial_restore=partial)
+
+
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
             abstract_train: Any) -> tuple[Any, Any, dict]:
   out = mngr.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(abstract_params),
-      train=ocp.args.StandardRestore(abstract_train),
+      params=_pytree_restore(abstract_params),
+      train=_pytree_restore(abstract_train),
       input=ocp.args.JsonRestore()))
   return out["params"], out["train"], dict(out["input"] or {})
 
@@ -143,16 +152,16 @@ def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tu
       msg.append(f"  not found in checkpoint ({len(missing)}): {missing[:5]}; add them to "
                  "config.model_load.dont_load to keep their initialisation")
     raise CheckpointMismatchError("\n".join(msg))
-  item = tree.unflatten({s: flat_params[d] for s, d in mapping.items()})
-  restore_args = tree.unflatten(
-      {s: ocp.ArrayRestoreArgs(sharding=flat_shard[d]) for s, d in mapping.items()})
-  restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-      item=jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), item),
-      restore_args=restore_args, partial_restore=True)))["params"]
+  item = tree.unflatten({
+      s: jax.ShapeDtypeStruct(flat_params[d].shape, flat_params[d].dtype, sharding=flat_shard[d])
+      for s, d in mapping.items()})
+  restored = mngr.restore(step, args=ocp.args.Composite(
+      params=_pytree_restore(item, partial=True)))["params"]
   mngr.close()
   out = dict(flat_params)
+  flat_restored = tree.flatten(restored)
   for src, dst in mapping.items():
-    out[dst] = tree.flatten(restored)[src].astype(flat_params[dst].dtype)
+    out[dst] = flat_restored[src]
   report = {"model_init/loaded": len(mapping), "model_init/kept_init": len(flat_params) -
             len(mapping), "model_init/unused": len(unused)}
   return tree.unflatten(out), report

@@ -34,7 +34,9 @@ class MeanEvaluator:
     data.update(eval_cfg.get("data") or {})
     self.input_cfg = {"data": data, "pp": eval_cfg.get("pp") or config.input.pp}
     self.batch_size = int(eval_cfg.get("batch_size") or config.input.batch_size)
-    sharding.check_batch_size(self.batch_size, mesh, batch_sharding.spec[0], "eval batch_size")
+    axes = batch_sharding.spec[0]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    sharding.check_batch_size(self.batch_size, mesh, axes, "eval batch_size")
     self.batch_sharding = batch_sharding
     input_pipeline.get_builder(data)  # Fail at start-up, not at the first evaluation.
     self._num_batches = self._batches_per_host(data)
@@ -55,7 +57,6 @@ class MeanEvaluator:
     return math.ceil(max(per_host) / (self.batch_size // count))
 
   def _batches(self) -> Iterator[dict]:
-    local = self.batch_size // jax.process_count()
     last = None
     n = 0
     for batch in input_pipeline.eval_batches(self.input_cfg, batch_size=self.batch_size):
@@ -65,7 +66,6 @@ class MeanEvaluator:
     while n < self._num_batches and last is not None:  # Pad hosts with fewer examples.
       n += 1
       yield {k: (np.zeros_like(v) if k == "_mask" else v) for k, v in last.items()}
-    del local
 
   def run(self, params: Any) -> dict[str, float]:
     totals: dict[str, float] = {}

@@ -135,8 +135,12 @@ def _abstract(tree_like: Any, shardings: Any) -> Any:
                       tree_like, shardings)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
-  """Runs (or resumes) a training run in `workdir`; returns the last logged metrics."""
+def train(config: ml_collections.ConfigDict, workdir: str,
+          devices: list | None = None) -> RunResult:
+  """Runs (or resumes) a training run in `workdir`.
+
+  `devices` restricts the mesh to some local devices (tests compare 1 vs 8 devices); None = all.
+  """
   sharding.maybe_initialize_distributed()
   config, task_module = prepare_config(config)
   if jax.process_index() == 0:
@@ -145,7 +149,7 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> RunResult:
       f.write(config_lib.to_json(config))
 
   # Mesh and batch sharding.
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   axes = sharding.batch_axes(mesh, config.batch_axes)
   batch_shard = sharding.batch_sharding(mesh, axes)
   sharding.check_batch_size(config.input.batch_size, mesh, axes, "config.input.batch_size")
