@@ -181,7 +181,12 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
       old = node.get(leaf)
       if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-      node[leaf] = value if not isinstance(value, dict) else ml_collections.ConfigDict(value)
+      value = ml_collections.ConfigDict(value) if isinstance(value, dict) else value
+      try:
+        node[leaf] = value
+      except TypeError:  # A list where the default is a dict (e.g. per-param schedules).
+        del node[leaf]
+        node[leaf] = value
 
 
 def split_cli_overrides(argv: list[str]) -> tuple[list[str], dict[str, Any]]:

@@ -100,8 +100,8 @@ def make_train_step(task: Any, tx: optax.GradientTransformation, accum_steps: in
     bad = (state["first_bad"] < 0) & ~jnp.isfinite(loss)
     new_state = dict(state, params=params, opt=opt, step=state["step"] + 1,
                      first_bad=jnp.where(bad, state["step"] + 1, state["first_bad"]))
-    out = {"train/loss": loss, "train/grad_norm": optax.global_norm(grads),
-           "train/param_norm": optax.global_norm(params)}
+    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
+           "train/param_norm": optax.tree.norm(params)}
     out.update({f"train/{k}": v for k, v in aux.items()})
     return new_state, out
 
