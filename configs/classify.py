@@ -10,34 +10,34 @@ import ml_collections
 
 
 def get_config(arg=None):
-  c = ml_collections.ConfigDict()
-  c.task = "classify"
-  c.seed = 0
-  c.total_steps = 1500
+    c = ml_collections.ConfigDict()
+    c.task = "classify"
+    c.seed = 0
+    c.total_steps = 1500
 
-  c.input = dict(
-      data=dict(name="scenes", split="train"),
-      batch_size=64,
-      pp="decode|value_range(-1, 1)|keep('image', 'label')",
-      shuffle_buffer_size=5_000,
-  )
-  c.num_classes = 42  # scenes: shape (6) x colour (7) of the main object.
-  c.model = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap")
+    c.input = dict(
+        data=dict(name="scenes", split="train"),
+        batch_size=64,
+        pp="decode|value_range(-1, 1)|keep('image', 'label')",
+        shuffle_buffer_size=5_000,
+    )
+    c.num_classes = 42  # scenes: shape (6) x colour (7) of the main object.
+    c.model = dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap")
 
-  c.optax_name = "adamw"
-  c.lr = 1e-3
-  c.wd = 1e-4
-  c.schedule = dict(decay_type="cosine", warmup_steps=100)
-  c.grad_clip_norm = 1.0
-  if arg == "frozen":
-    c.schedule = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=20))]
-    c.model_load = dict(dont_load=["head/.*"])
+    c.optax_name = "adamw"
+    c.lr = 1e-3
+    c.wd = 1e-4
+    c.schedule = dict(decay_type="cosine", warmup_steps=100)
+    c.grad_clip_norm = 1.0
+    if arg == "frozen":
+        c.schedule = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=20))]
+        c.model_load = dict(dont_load=["head/.*"])
 
-  c.log_training_steps = 50
-  c.ckpt_steps = 500
-  eval_pp = c.input.pp
-  c.evals = dict(
-      val=dict(type="mean", data=dict(split="validation"), pp=eval_pp, log_steps=500),
-  )
-  c.mesh = [("data", -1)]
-  return c
+    c.log_training_steps = 50
+    c.ckpt_steps = 500
+    eval_pp = c.input.pp
+    c.evals = dict(
+        val=dict(type="mean", data=dict(split="validation"), pp=eval_pp, log_steps=500),
+    )
+    c.mesh = [("data", -1)]
+    return c

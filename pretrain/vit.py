@@ -123,15 +123,25 @@ class Attention(nn.Module):
             raise ValueError(f"width {width} not divisible by num_heads {self.num_heads}")
         hd = width // self.num_heads
         dense = lambda name: nn.DenseGeneral(
-            (self.num_heads, hd), use_bias=self.use_bias, dtype=self.dtype,
-            kernel_init=nn.initializers.xavier_uniform(), name=name)
+            (self.num_heads, hd),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name=name,
+        )
         q, k, v = dense("query")(xq), dense("key")(xkv), dense("value")(xkv)
         q = q.astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(jnp.float32))
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
-        return nn.DenseGeneral(width, axis=(-2, -1), use_bias=self.use_bias, dtype=self.dtype,
-                               kernel_init=nn.initializers.xavier_uniform(), name="out")(y)
+        return nn.DenseGeneral(
+            width,
+            axis=(-2, -1),
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            kernel_init=nn.initializers.xavier_uniform(),
+            name="out",
+        )(y)
 
 
 class MlpBlock(nn.Module):
@@ -151,9 +161,13 @@ class MlpBlock(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         dense = lambda feats, name: nn.Dense(
-            feats, use_bias=self.use_bias, dtype=self.dtype,
+            feats,
+            use_bias=self.use_bias,
+            dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
-            bias_init=nn.initializers.normal(stddev=1e-6), name=name)
+            bias_init=nn.initializers.normal(stddev=1e-6),
+            name=name,
+        )
         if self.mlp_type == "gelu":
             h = nn.gelu(dense(self.mlp_dim, "wi")(x))
         elif self.mlp_type == "geglu":
@@ -187,8 +201,16 @@ class Block(nn.Module):
             y = norm("norm_attn_post")(y)
         x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
         y = norm("norm_mlp_pre")(x)
-        y = MlpBlock(self.mlp_dim, self.mlp_type, self.use_bias, self.normformer, self.norm,
-                     self.dropout, self.dtype, name="mlp")(y, train)
+        y = MlpBlock(
+            self.mlp_dim,
+            self.mlp_type,
+            self.use_bias,
+            self.normformer,
+            self.norm,
+            self.dropout,
+            self.dtype,
+            name="mlp",
+        )(y, train)
         x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
         return x, None  # (carry, per-layer output) so that the block can be nn.scan'ed
 
@@ -204,13 +226,24 @@ class Encoder(nn.Module):
         block_cls = Block
         if self.remat_policy != "none":
             if self.remat_policy not in REMAT_POLICIES:
-                raise ValueError(f"unknown remat_policy {self.remat_policy!r}; "
-                                 f"known: none, {', '.join(REMAT_POLICIES)}")
-            block_cls = nn.remat(Block, prevent_cse=not self.scan, static_argnums=(2,),
-                                 policy=REMAT_POLICIES[self.remat_policy])
+                raise ValueError(
+                    f"unknown remat_policy {self.remat_policy!r}; "
+                    f"known: none, {', '.join(REMAT_POLICIES)}"
+                )
+            block_cls = nn.remat(
+                Block,
+                prevent_cse=not self.scan,
+                static_argnums=(2,),
+                policy=REMAT_POLICIES[self.remat_policy],
+            )
         if self.scan:
-            stack = nn.scan(block_cls, variable_axes={"params": 0}, in_axes=nn.broadcast,
-                            split_rngs={"params": True, "dropout": True}, length=self.depth)
+            stack = nn.scan(
+                block_cls,
+                variable_axes={"params": 0},
+                in_axes=nn.broadcast,
+                split_rngs={"params": True, "dropout": True},
+                length=self.depth,
+            )
             x, _ = stack(**self.block_kwargs, name="blocks")(x, train)
         else:
             for i in range(self.depth):
@@ -235,8 +268,9 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
         x = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(probe, x)
         y = Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm")(x)
-        x = x + MlpBlock(self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype,
-                         name="mlp")(y)
+        x = x + MlpBlock(self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype, name="mlp")(
+            y
+        )
         return x[:, 0]
 
 
@@ -268,8 +302,15 @@ class ViT(nn.Module):
         aux = {}
         ph, pw = (self.patch_size,) * 2 if isinstance(self.patch_size, int) else self.patch_size
         mlp_dim = self.mlp_dim or 4 * self.width
-        x = nn.Conv(self.width, (ph, pw), strides=(ph, pw), padding="VALID",
-                    use_bias=self.use_bias, dtype=self.dtype, name="embedding")(image)
+        x = nn.Conv(
+            self.width,
+            (ph, pw),
+            strides=(ph, pw),
+            padding="VALID",
+            use_bias=self.use_bias,
+            dtype=self.dtype,
+            name="embedding",
+        )(image)
         b, h, w, _ = x.shape
         x = aux["stem"] = jnp.reshape(x, (b, h * w, self.width))
 
@@ -279,9 +320,11 @@ class ViT(nn.Module):
             cls = jnp.tile(cls.astype(self.dtype), (b, 1, 1))
         if self.posemb == "learn":
             n = h * w + (1 if tok and self.cls_posemb else 0)
-            pe = self.param("pos_embedding",
-                            nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
-                            (1, n, self.width))
+            pe = self.param(
+                "pos_embedding",
+                nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                (1, n, self.width),
+            )
             pe = pe.astype(self.dtype)
             if tok and self.cls_posemb:
                 cls, pe = cls + pe[:, :1], pe[:, 1:]
@@ -292,24 +335,42 @@ class ViT(nn.Module):
             raise ValueError(f"unknown posemb {self.posemb!r}")
         parts = [cls, x] if tok else [x]
         if self.num_registers:
-            reg = self.param("registers", nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
-                             (1, self.num_registers, self.width))
+            reg = self.param(
+                "registers",
+                nn.initializers.normal(stddev=1 / np.sqrt(self.width)),
+                (1, self.num_registers, self.width),
+            )
             parts.append(jnp.tile(reg.astype(self.dtype), (b, 1, 1)))
         x = jnp.concatenate(parts, axis=1) if len(parts) > 1 else x
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
 
-        block_kwargs = dict(num_heads=self.num_heads, mlp_dim=mlp_dim, norm=self.norm,
-                            normformer=self.normformer, mlp_type=self.mlp_type,
-                            use_bias=self.use_bias, dropout=self.dropout, dtype=self.dtype)
-        x = aux["encoded"] = Encoder(self.depth, block_kwargs, self.scan, self.remat_policy,
-                                     name="encoder")(x, train)
+        block_kwargs = dict(
+            num_heads=self.num_heads,
+            mlp_dim=mlp_dim,
+            norm=self.norm,
+            normformer=self.normformer,
+            mlp_type=self.mlp_type,
+            use_bias=self.use_bias,
+            dropout=self.dropout,
+            dtype=self.dtype,
+        )
+        x = aux["encoded"] = Encoder(
+            self.depth, block_kwargs, self.scan, self.remat_policy, name="encoder"
+        )(x, train)
 
         first = 1 if tok else 0
         if self.pool_type == "gap":
-            x = jnp.mean(x[:, first:first + h * w], axis=1)
+            x = jnp.mean(x[:, first : first + h * w], axis=1)
         elif self.pool_type == "map":
-            x = MAPHead(self.num_heads, mlp_dim, self.norm, self.mlp_type, self.use_bias,
-                        self.dtype, name="map")(x)
+            x = MAPHead(
+                self.num_heads,
+                mlp_dim,
+                self.norm,
+                self.mlp_type,
+                self.use_bias,
+                self.dtype,
+                name="map",
+            )(x)
         elif tok:
             x = x[:, 0]
         elif self.pool_type != "none":
@@ -318,8 +379,9 @@ class ViT(nn.Module):
 
         if self.num_classes:
             init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-            x = aux["logits"] = nn.Dense(self.num_classes, kernel_init=init,
-                                         dtype=jnp.float32, name="head")(x)
+            x = aux["logits"] = nn.Dense(
+                self.num_classes, kernel_init=init, dtype=jnp.float32, name="head"
+            )(x)
         return x, aux
 
 

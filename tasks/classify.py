@@ -22,75 +22,93 @@ DEFAULTS = dict(
     label_smoothing=0.0,
     model=dict(
         variant=None,  # e.g. "Ti/16": sets width/depth/mlp_dim/num_heads/patch_size.
-        width=192, depth=4, mlp_dim=None, num_heads=3, patch_size=8,
-        norm="layernorm", normformer=False, mlp_type="gelu", use_bias=True,
-        num_registers=0, pool_type="gap", posemb="learn", dropout=0.0,
-        scan=False, remat_policy="none", dtype="float32",
+        width=192,
+        depth=4,
+        mlp_dim=None,
+        num_heads=3,
+        patch_size=8,
+        norm="layernorm",
+        normformer=False,
+        mlp_type="gelu",
+        use_bias=True,
+        num_registers=0,
+        pool_type="gap",
+        posemb="learn",
+        dropout=0.0,
+        scan=False,
+        remat_policy="none",
+        dtype="float32",
         head_zeroinit=True,
     ),
 )
 
 
 def vit_kwargs(model_cfg: Any) -> dict[str, Any]:
-  """Config dict -> ViT constructor kwargs (`variant` expanded, dtype resolved)."""
-  kw = dict(model_cfg)
-  variant = kw.pop("variant", None)
-  kw.pop("head_zeroinit", None)
-  if variant:
-    kw.update(vit.decode_variant(variant))
-  kw["dtype"] = jnp.dtype(kw.get("dtype") or "float32")
-  return kw
+    """Config dict -> ViT constructor kwargs (`variant` expanded, dtype resolved)."""
+    kw = dict(model_cfg)
+    variant = kw.pop("variant", None)
+    kw.pop("head_zeroinit", None)
+    if variant:
+        kw.update(vit.decode_variant(variant))
+    kw["dtype"] = jnp.dtype(kw.get("dtype") or "float32")
+    return kw
 
 
 class Classifier(nn.Module):
-  num_classes: int
-  vit_kw: dict
-  head_zeroinit: bool = True
+    num_classes: int
+    vit_kw: dict
+    head_zeroinit: bool = True
 
-  @nn.compact
-  def __call__(self, image, *, train: bool = False):
-    features, aux = vit.ViT(**self.vit_kw, name="img")(image, train=train)
-    init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
-    logits = nn.Dense(self.num_classes, kernel_init=init, name="head")(
-        features.astype(jnp.float32))
-    return logits, aux
+    @nn.compact
+    def __call__(self, image, *, train: bool = False):
+        features, aux = vit.ViT(**self.vit_kw, name="img")(image, train=train)
+        init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
+        logits = nn.Dense(self.num_classes, kernel_init=init, name="head")(
+            features.astype(jnp.float32)
+        )
+        return logits, aux
 
 
 class Task:
-  """Implements the task contract of docs/ARCHITECTURE.md."""
+    """Implements the task contract of docs/ARCHITECTURE.md."""
 
-  def __init__(self, config: Any):
-    self.config = config
-    self.label_key = config.label_key
-    self.num_classes = int(config.num_classes)
-    self.model = Classifier(self.num_classes, vit_kwargs(config.model),
-                            head_zeroinit=bool(config.model.head_zeroinit))
+    def __init__(self, config: Any):
+        self.config = config
+        self.label_key = config.label_key
+        self.num_classes = int(config.num_classes)
+        self.model = Classifier(
+            self.num_classes,
+            vit_kwargs(config.model),
+            head_zeroinit=bool(config.model.head_zeroinit),
+        )
 
-  def init_params(self, rng: jax.Array, batch: dict) -> dict:
-    image = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
-    return self.model.init({"params": rng}, image)["params"]
+    def init_params(self, rng: jax.Array, batch: dict) -> dict:
+        image = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
+        return self.model.init({"params": rng}, image)["params"]
 
-  def logits(self, params: dict, image: jax.Array, train: bool = False, rng=None) -> jax.Array:
-    rngs = {"dropout": rng} if rng is not None else {}
-    return self.model.apply({"params": params}, image, train=train, rngs=rngs)[0]
+    def logits(self, params: dict, image: jax.Array, train: bool = False, rng=None) -> jax.Array:
+        rngs = {"dropout": rng} if rng is not None else {}
+        return self.model.apply({"params": params}, image, train=train, rngs=rngs)[0]
 
-  def _xent(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
-    onehot = jax.nn.one_hot(labels, self.num_classes)
-    if self.config.label_smoothing:
-      onehot = optax.smooth_labels(onehot, self.config.label_smoothing)
-    return optax.softmax_cross_entropy(logits, onehot)
+    def _xent(self, logits: jax.Array, labels: jax.Array) -> jax.Array:
+        onehot = jax.nn.one_hot(labels, self.num_classes)
+        if self.config.label_smoothing:
+            onehot = optax.smooth_labels(onehot, self.config.label_smoothing)
+        return optax.softmax_cross_entropy(logits, onehot)
 
-  def loss_fn(self, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
-    logits = self.logits(params, batch["image"], train=True, rng=rng)
-    labels = batch[self.label_key]
-    loss = jnp.mean(self._xent(logits, labels))
-    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
-    return loss, {"accuracy": accuracy}
+    def loss_fn(self, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        logits = self.logits(params, batch["image"], train=True, rng=rng)
+        labels = batch[self.label_key]
+        loss = jnp.mean(self._xent(logits, labels))
+        accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+        return loss, {"accuracy": accuracy}
 
-  def eval_metrics(self, params: dict, batch: dict) -> dict[str, jax.Array]:
-    logits = self.logits(params, batch["image"])
-    labels = batch[self.label_key]
-    top5 = jnp.any(jax.lax.top_k(logits, min(5, self.num_classes))[1] == labels[:, None], -1)
-    return {"loss": self._xent(logits, labels),
+    def eval_metrics(self, params: dict, batch: dict) -> dict[str, jax.Array]:
+        logits = self.logits(params, batch["image"])
+        labels = batch[self.label_key]
+        top5 = jnp.any(jax.lax.top_k(logits, min(5, self.num_classes))[1] == labels[:, None], -1)
+        return {
+            "loss": self._xent(logits, labels),
             "prec@1": (jnp.argmax(logits, -1) == labels).astype(jnp.float32),
-            "prec@5": top5.astype(jnp.float32)}
+            "prec@5": top5.astype(jnp.float32),
+        }

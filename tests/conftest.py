@@ -12,20 +12,20 @@ TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory):
-  """`scenes/tiny` prepared once per session (the input pipeline prepares embedded data itself)."""
-  path = str(tmp_path_factory.mktemp("tfds"))
-  from transfer import input_pipeline
+    """`scenes/tiny` prepared once per session (the input pipeline prepares embedded data itself)."""
+    path = str(tmp_path_factory.mktemp("tfds"))
+    from transfer import input_pipeline
 
-  input_pipeline.get_builder({"name": "scenes/tiny", "split": "train", "data_dir": path})
-  return path
+    input_pipeline.get_builder({"name": "scenes/tiny", "split": "train", "data_dir": path})
+    return path
 
 
 @pytest.fixture()
 def tiny_config(data_dir):
-  """A fresh, fully merged tiny classifier config reading the session's data_dir."""
-  from transfer import config as config_lib
-  from transfer import train
+    """A fresh, fully merged tiny classifier config reading the session's data_dir."""
+    from transfer import config as config_lib
+    from transfer import train
 
-  config, _ = train.prepare_config(config_lib.load_config_file(TINY_CONFIG))
-  config.input.data.data_dir = data_dir
-  return config
+    config, _ = train.prepare_config(config_lib.load_config_file(TINY_CONFIG))
+    config.input.data.data_dir = data_dir
+    return config

@@ -11,123 +11,146 @@ from transfer import optim, tree
 
 
 def _config(**kw):
-  return config_lib.merge_with_defaults(ml_collections.ConfigDict(kw))
+    return config_lib.merge_with_defaults(ml_collections.ConfigDict(kw))
 
 
-PARAMS = {"img": {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones((2,))}},
-          "head": {"kernel": jnp.full((2, 4), -1.0), "bias": jnp.zeros((4,))}}
-GRADS = jax.tree.map(lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) - 1.5,
-                     PARAMS)
+PARAMS = {
+    "img": {"dense": {"kernel": jnp.full((3, 2), 2.0), "bias": jnp.ones((2,))}},
+    "head": {"kernel": jnp.full((2, 4), -1.0), "bias": jnp.zeros((4,))},
+}
+GRADS = jax.tree.map(lambda x: jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) - 1.5, PARAMS)
 
 
 def _step(config, params=PARAMS, grads=GRADS, steps=1):
-  rules = optim.resolve_rules(params, config)
-  tx = optim.make_optimizer(config, rules)
-  trainable = tree.partition(params, rules.is_trainable)[0]
-  g = tree.partition(grads, rules.is_trainable)[0]
-  state = tx.init(trainable)
-  for _ in range(steps):
-    updates, state = tx.update(g, state, trainable)
-    trainable = jax.tree.map(jnp.add, trainable, updates)
-  return trainable, state, rules
+    rules = optim.resolve_rules(params, config)
+    tx = optim.make_optimizer(config, rules)
+    trainable = tree.partition(params, rules.is_trainable)[0]
+    g = tree.partition(grads, rules.is_trainable)[0]
+    state = tx.init(trainable)
+    for _ in range(steps):
+        updates, state = tx.update(g, state, trainable)
+        trainable = jax.tree.map(jnp.add, trainable, updates)
+    return trainable, state, rules
 
 
 def test_sgd_update_formula_with_mults():
-  lr, wd = 0.1, 0.01
-  config = _config(optax_name="sgd", lr=lr, wd=wd, grad_clip_norm=None,
-                   schedule=dict(decay_type="constant"),
-                   lr_mults=[("img/.*", 0.5)], wd_mults=[(".*/kernel", 1.0), ("img/.*", 2.0)])
-  new, _, _ = _step(config)
-  flat_p, flat_g, flat_new = tree.flatten(PARAMS), tree.flatten(GRADS), tree.flatten(new)
-  for path, p in flat_p.items():
-    lm = 0.5 if path.startswith("img/") else 1.0
-    wm = 1.0 if path.endswith("/kernel") else (2.0 if path.startswith("img/") else 0.0)
-    expected = np.asarray(p) + lm * (-lr * np.asarray(flat_g[path]) - wd * wm * np.asarray(p))
-    np.testing.assert_allclose(flat_new[path], expected, rtol=1e-6, err_msg=path)
+    lr, wd = 0.1, 0.01
+    config = _config(
+        optax_name="sgd",
+        lr=lr,
+        wd=wd,
+        grad_clip_norm=None,
+        schedule=dict(decay_type="constant"),
+        lr_mults=[("img/.*", 0.5)],
+        wd_mults=[(".*/kernel", 1.0), ("img/.*", 2.0)],
+    )
+    new, _, _ = _step(config)
+    flat_p, flat_g, flat_new = tree.flatten(PARAMS), tree.flatten(GRADS), tree.flatten(new)
+    for path, p in flat_p.items():
+        lm = 0.5 if path.startswith("img/") else 1.0
+        wm = 1.0 if path.endswith("/kernel") else (2.0 if path.startswith("img/") else 0.0)
+        expected = np.asarray(p) + lm * (-lr * np.asarray(flat_g[path]) - wd * wm * np.asarray(p))
+        np.testing.assert_allclose(flat_new[path], expected, rtol=1e-6, err_msg=path)
 
 
 def test_adam_first_step_matches_numpy():
-  lr, eps = 0.01, 1e-8
-  config = _config(optax_name="adamw", lr=lr, wd=0.0, grad_clip_norm=None,
-                   schedule=dict(decay_type="constant"))
-  new, _, _ = _step(config)
-  for path, p in tree.flatten(PARAMS).items():
-    g = np.asarray(tree.flatten(GRADS)[path])
-    expected = np.asarray(p) - lr * g / (np.abs(g) + eps)
-    np.testing.assert_allclose(tree.flatten(new)[path], expected, rtol=1e-5, atol=1e-7)
+    lr, eps = 0.01, 1e-8
+    config = _config(
+        optax_name="adamw", lr=lr, wd=0.0, grad_clip_norm=None, schedule=dict(decay_type="constant")
+    )
+    new, _, _ = _step(config)
+    for path, p in tree.flatten(PARAMS).items():
+        g = np.asarray(tree.flatten(GRADS)[path])
+        expected = np.asarray(p) - lr * g / (np.abs(g) + eps)
+        np.testing.assert_allclose(tree.flatten(new)[path], expected, rtol=1e-5, atol=1e-7)
 
 
 def test_clipping_scales_by_global_norm():
-  config = _config(optax_name="sgd", lr=1.0, wd=0.0, grad_clip_norm=1.0,
-                   schedule=dict(decay_type="constant"))
-  new, _, _ = _step(config)
-  norm = np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in tree.flatten(GRADS).values()))
-  for path, p in tree.flatten(PARAMS).items():
-    expected = np.asarray(p) - np.asarray(tree.flatten(GRADS)[path]) / norm
-    np.testing.assert_allclose(tree.flatten(new)[path], expected, rtol=1e-5)
+    config = _config(
+        optax_name="sgd", lr=1.0, wd=0.0, grad_clip_norm=1.0, schedule=dict(decay_type="constant")
+    )
+    new, _, _ = _step(config)
+    norm = np.sqrt(sum(np.sum(np.asarray(g) ** 2) for g in tree.flatten(GRADS).values()))
+    for path, p in tree.flatten(PARAMS).items():
+        expected = np.asarray(p) - np.asarray(tree.flatten(GRADS)[path]) / norm
+        np.testing.assert_allclose(tree.flatten(new)[path], expected, rtol=1e-5)
 
 
 def test_frozen_params_have_no_state_and_are_untouched():
-  config = _config(optax_name="adamw", schedule=[("img/.*", None), (".*", dict())])
-  new, state, rules = _step(config, steps=3)
-  assert set(tree.flatten(new)) == {"head/kernel", "head/bias"}
-  state_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]]
-  assert state_paths and not any("img" in p for p in state_paths)
-  assert not rules.is_trainable("img/dense/kernel")
+    config = _config(optax_name="adamw", schedule=[("img/.*", None), (".*", dict())])
+    new, state, rules = _step(config, steps=3)
+    assert set(tree.flatten(new)) == {"head/kernel", "head/bias"}
+    state_paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(state)[0]
+    ]
+    assert state_paths and not any("img" in p for p in state_paths)
+    assert not rules.is_trainable("img/dense/kernel")
 
 
 def test_unmatched_param_is_an_error():
-  config = _config(schedule=[("img/.*", None)])
-  with pytest.raises(ValueError, match="head/"):
-    optim.resolve_rules(PARAMS, config)
+    config = _config(schedule=[("img/.*", None)])
+    with pytest.raises(ValueError, match="head/"):
+        optim.resolve_rules(PARAMS, config)
 
 
 def test_two_schedules_per_param_group():
-  config = _config(optax_name="sgd", lr=1.0, wd=0.0, grad_clip_norm=None,
-                   schedule=[("img/.*", dict(decay_type="constant")),
-                             (".*", dict(decay_type="constant", warmup_steps=4))])
-  new, _, _ = _step(config)
-  # Step 0 of a 4-step warmup scales the update by 1/4.
-  g = np.asarray(GRADS["head"]["kernel"])
-  np.testing.assert_allclose(new["head"]["kernel"], np.asarray(PARAMS["head"]["kernel"]) - g / 4)
-  g = np.asarray(GRADS["img"]["dense"]["kernel"])
-  np.testing.assert_allclose(new["img"]["dense"]["kernel"],
-                             np.asarray(PARAMS["img"]["dense"]["kernel"]) - g)
+    config = _config(
+        optax_name="sgd",
+        lr=1.0,
+        wd=0.0,
+        grad_clip_norm=None,
+        schedule=[
+            ("img/.*", dict(decay_type="constant")),
+            (".*", dict(decay_type="constant", warmup_steps=4)),
+        ],
+    )
+    new, _, _ = _step(config)
+    # Step 0 of a 4-step warmup scales the update by 1/4.
+    g = np.asarray(GRADS["head"]["kernel"])
+    np.testing.assert_allclose(new["head"]["kernel"], np.asarray(PARAMS["head"]["kernel"]) - g / 4)
+    g = np.asarray(GRADS["img"]["dense"]["kernel"])
+    np.testing.assert_allclose(
+        new["img"]["dense"]["kernel"], np.asarray(PARAMS["img"]["dense"]["kernel"]) - g
+    )
 
 
 @pytest.mark.parametrize("decay_type", ["cosine", "linear", "rsqrt", "constant"])
 def test_schedule_shapes(decay_type):
-  total, warmup = 100, 10
-  fn = optim.make_schedule(dict(decay_type=decay_type, warmup_steps=warmup, timescale=10), total)
-  values = np.array([float(fn(s)) for s in range(total)])
-  np.testing.assert_allclose(values[:warmup], (np.arange(warmup) + 1) / warmup, rtol=1e-6)
-  assert values[warmup] == pytest.approx(1.0)
-  progress = (np.arange(warmup, total) - warmup) / (total - warmup)
-  expected = {"cosine": 0.5 * (1 + np.cos(np.pi * progress)), "linear": 1 - progress,
-              "rsqrt": 1 / np.sqrt(1 + (np.arange(warmup, total) - warmup) / 10),
-              "constant": np.ones_like(progress)}[decay_type]
-  np.testing.assert_allclose(values[warmup:], expected, rtol=1e-5, atol=1e-6)
+    total, warmup = 100, 10
+    fn = optim.make_schedule(dict(decay_type=decay_type, warmup_steps=warmup, timescale=10), total)
+    values = np.array([float(fn(s)) for s in range(total)])
+    np.testing.assert_allclose(values[:warmup], (np.arange(warmup) + 1) / warmup, rtol=1e-6)
+    assert values[warmup] == pytest.approx(1.0)
+    progress = (np.arange(warmup, total) - warmup) / (total - warmup)
+    expected = {
+        "cosine": 0.5 * (1 + np.cos(np.pi * progress)),
+        "linear": 1 - progress,
+        "rsqrt": 1 / np.sqrt(1 + (np.arange(warmup, total) - warmup) / 10),
+        "constant": np.ones_like(progress),
+    }[decay_type]
+    np.testing.assert_allclose(values[warmup:], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_schedule_key_and_optimizer():
-  with pytest.raises(ValueError, match="warmup_stpes"):
-    optim.make_schedule(dict(warmup_stpes=3), 10)
-  with pytest.raises(ValueError, match="optax_name"):
-    _step(_config(optax_name="adamm"))
+    with pytest.raises(ValueError, match="warmup_stpes"):
+        optim.make_schedule(dict(warmup_stpes=3), 10)
+    with pytest.raises(ValueError, match="optax_name"):
+        _step(_config(optax_name="adamm"))
 
 
 @pytest.mark.parametrize("name", ["adafactor", "lion", "momentum", "muon"])
 def test_named_optimizers_descend(name):
-  """A quadratic's loss goes down with every named optimizer."""
-  params = {"w": {"kernel": jnp.ones((4, 4)) * 3.0}}
-  config = _config(optax_name=name, lr=0.05, wd=0.0, grad_clip_norm=None,
-                   schedule=dict(decay_type="constant"))
-  rules = optim.resolve_rules(params, config)
-  tx = optim.make_optimizer(config, rules)
-  state = tx.init(params)
-  loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)  # noqa: E731
-  start = loss(params)
-  for _ in range(5):
-    updates, state = tx.update(jax.grad(loss)(params), state, params)
-    params = jax.tree.map(jnp.add, params, updates)
-  assert loss(params) < start
+    """A quadratic's loss goes down with every named optimizer."""
+    params = {"w": {"kernel": jnp.ones((4, 4)) * 3.0}}
+    config = _config(
+        optax_name=name, lr=0.05, wd=0.0, grad_clip_norm=None, schedule=dict(decay_type="constant")
+    )
+    rules = optim.resolve_rules(params, config)
+    tx = optim.make_optimizer(config, rules)
+    state = tx.init(params)
+    loss = lambda p: jnp.sum(p["w"]["kernel"] ** 2)  # noqa: E731
+    start = loss(params)
+    for _ in range(5):
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        params = jax.tree.map(jnp.add, params, updates)
+    assert loss(params) < start

@@ -15,125 +15,145 @@ from transfer.config import apply_overrides
 
 
 def _losses(workdir):
-  return [r["train/loss"] for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-          if "train/loss" in r]
+    return [
+        r["train/loss"]
+        for r in metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        if "train/loss" in r
+    ]
 
 
 @pytest.fixture(scope="module")
 def baseline(tmp_path_factory, data_dir):
-  """One uninterrupted single-device run that several tests compare against."""
-  from transfer import config as config_lib
+    """One uninterrupted single-device run that several tests compare against."""
+    from transfer import config as config_lib
 
-  config, _ = train.prepare_config(config_lib.load_config_file(
-      os.path.join(os.path.dirname(__file__), "tiny_config.py")))
-  config.input.data.data_dir = data_dir
-  workdir = str(tmp_path_factory.mktemp("baseline"))
-  result = train.train(config, workdir, devices=jax.devices()[:1])
-  return workdir, result, config
+    config, _ = train.prepare_config(
+        config_lib.load_config_file(os.path.join(os.path.dirname(__file__), "tiny_config.py"))
+    )
+    config.input.data.data_dir = data_dir
+    workdir = str(tmp_path_factory.mktemp("baseline"))
+    result = train.train(config, workdir, devices=jax.devices()[:1])
+    return workdir, result, config
 
 
 def test_run_outputs_and_known_first_loss(baseline):
-  workdir, result, config = baseline
-  saved = json.load(open(os.path.join(workdir, "config.json")))
-  assert saved["model"]["width"] == 32 and saved["task"] == "classify"
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  assert [r["step"] for r in rows] == list(range(1, 13))
-  # The head starts at zero: uniform logits, so the first loss is exactly ln(#classes).
-  assert rows[0]["train/loss"] == pytest.approx(math.log(42), abs=1e-5)
-  assert np.mean([r["train/loss"] for r in rows[-3:]]) < rows[0]["train/loss"] - 0.05
-  assert {"val/prec@1", "val/loss", "input/skipped", "steps_per_sec", "lr"} <= set(rows[-1])
-  assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
-  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
-  assert result.metrics["step"] == 12
+    workdir, result, config = baseline
+    saved = json.load(open(os.path.join(workdir, "config.json")))
+    assert saved["model"]["width"] == 32 and saved["task"] == "classify"
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(1, 13))
+    # The head starts at zero: uniform logits, so the first loss is exactly ln(#classes).
+    assert rows[0]["train/loss"] == pytest.approx(math.log(42), abs=1e-5)
+    assert np.mean([r["train/loss"] for r in rows[-3:]]) < rows[0]["train/loss"] - 0.05
+    assert {"val/prec@1", "val/loss", "input/skipped", "steps_per_sec", "lr"} <= set(rows[-1])
+    assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
+    assert result.metrics["step"] == 12
 
 
 def test_sharded_fsdp_equals_single_device(baseline, tiny_config, tmp_path):
-  workdir_1, result_1, _ = baseline
-  tiny_config.mesh = [("data", 2), ("fsdp", 4)]
-  tiny_config.fsdp_min_size = 1
-  result_8 = train.train(tiny_config, str(tmp_path))
-  np.testing.assert_allclose(_losses(str(tmp_path)), _losses(workdir_1), rtol=2e-5)
-  flat_1, flat_8 = tree.flatten(result_1.params), tree.flatten(result_8.params)
-  sharded = [p for p, x in flat_8.items() if any(s is not None for s in x.sharding.spec)]
-  assert "img/embedding/kernel" in sharded and len(sharded) > 5
-  for path, x in flat_1.items():
-    if path.endswith("key/bias"):
-      # Softmax is shift invariant, so this gradient is zero up to rounding, and Adam turns
-      # rounding noise into lr-sized steps: nothing to compare.
-      continue
-    np.testing.assert_allclose(np.asarray(flat_8[path]), np.asarray(x), atol=2e-5, err_msg=path)
+    workdir_1, result_1, _ = baseline
+    tiny_config.mesh = [("data", 2), ("fsdp", 4)]
+    tiny_config.fsdp_min_size = 1
+    result_8 = train.train(tiny_config, str(tmp_path))
+    np.testing.assert_allclose(_losses(str(tmp_path)), _losses(workdir_1), rtol=2e-5)
+    flat_1, flat_8 = tree.flatten(result_1.params), tree.flatten(result_8.params)
+    sharded = [p for p, x in flat_8.items() if any(s is not None for s in x.sharding.spec)]
+    assert "img/embedding/kernel" in sharded and len(sharded) > 5
+    for path, x in flat_1.items():
+        if path.endswith("key/bias"):
+            # Softmax is shift invariant, so this gradient is zero up to rounding, and Adam turns
+            # rounding noise into lr-sized steps: nothing to compare.
+            continue
+        np.testing.assert_allclose(np.asarray(flat_8[path]), np.asarray(x), atol=2e-5, err_msg=path)
 
 
 def test_frozen_tower_is_bit_identical_and_has_no_opt_state(baseline, tiny_config, tmp_path):
-  """The tower is loaded from the baseline run (model_init) and frozen; the head trains anew."""
-  baseline_dir, baseline_result, _ = baseline
-  apply_overrides(tiny_config, {
-      "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})],
-      "model_init": baseline_dir, "model_load": {"dont_load": ["head/.*"]}})
-  result = train.train(tiny_config, str(tmp_path))
-  final, loaded = tree.flatten(result.params), tree.flatten(baseline_result.params)
-  for path, x in loaded.items():
-    if path.startswith("img/"):
-      np.testing.assert_array_equal(np.asarray(final[path]), np.asarray(x), err_msg=path)
-    else:
-      assert not np.array_equal(np.asarray(final[path]), np.asarray(x)), path
-  mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
-  opt_meta = mngr.item_metadata(12)["train"]["opt"]
-  opt_paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_meta)[0]]
-  assert opt_paths and not any("img" in p for p in opt_paths)
-  assert any("head" in p for p in opt_paths)
+    """The tower is loaded from the baseline run (model_init) and frozen; the head trains anew."""
+    baseline_dir, baseline_result, _ = baseline
+    apply_overrides(
+        tiny_config,
+        {
+            "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})],
+            "model_init": baseline_dir,
+            "model_load": {"dont_load": ["head/.*"]},
+        },
+    )
+    result = train.train(tiny_config, str(tmp_path))
+    final, loaded = tree.flatten(result.params), tree.flatten(baseline_result.params)
+    for path, x in loaded.items():
+        if path.startswith("img/"):
+            np.testing.assert_array_equal(np.asarray(final[path]), np.asarray(x), err_msg=path)
+        else:
+            assert not np.array_equal(np.asarray(final[path]), np.asarray(x)), path
+    mngr = checkpoint.manager(str(tmp_path / "checkpoints"), read_only=True)
+    opt_meta = mngr.item_metadata(12)["train"]["opt"]
+    opt_paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(opt_meta)[0]
+    ]
+    assert opt_paths and not any("img" in p for p in opt_paths)
+    assert any("head" in p for p in opt_paths)
 
 
 def test_frozen_step_computes_no_tower_gradient(tiny_config):
-  """XLA's FLOP count of the step: freezing the tower removes its backward pass."""
-  from transfer import optim
+    """XLA's FLOP count of the step: freezing the tower removes its backward pass."""
+    from transfer import optim
 
-  def step_flops(schedule):
-    apply_overrides(tiny_config, {"schedule": schedule})
-    task = classify.Task(tiny_config)
-    batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros((16,), np.int32)}
-    params = task.init_params(jax.random.key(0), batch)
-    rules = optim.resolve_rules(params, tiny_config)
-    tx = optim.make_optimizer(tiny_config, rules)
-    trainable, frozen = tree.partition(params, rules.is_trainable)
-    state = {"params": trainable, "frozen": frozen, "opt": tx.init(trainable),
-             "step": np.int32(0), "rng": jax.random.key_data(jax.random.key(0)),
-             "first_bad": np.int32(-1)}
-    repl = jax.sharding.NamedSharding(jax.sharding.Mesh(jax.devices()[:1], ("data",)),
-                                      jax.sharding.PartitionSpec())
-    step = train.make_train_step(task, tx, 1, repl)
-    return jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"]
+    def step_flops(schedule):
+        apply_overrides(tiny_config, {"schedule": schedule})
+        task = classify.Task(tiny_config)
+        batch = {"image": np.zeros((16, 32, 32, 3), np.float32), "label": np.zeros((16,), np.int32)}
+        params = task.init_params(jax.random.key(0), batch)
+        rules = optim.resolve_rules(params, tiny_config)
+        tx = optim.make_optimizer(tiny_config, rules)
+        trainable, frozen = tree.partition(params, rules.is_trainable)
+        state = {
+            "params": trainable,
+            "frozen": frozen,
+            "opt": tx.init(trainable),
+            "step": np.int32(0),
+            "rng": jax.random.key_data(jax.random.key(0)),
+            "first_bad": np.int32(-1),
+        }
+        repl = jax.sharding.NamedSharding(
+            jax.sharding.Mesh(jax.devices()[:1], ("data",)), jax.sharding.PartitionSpec()
+        )
+        step = train.make_train_step(task, tx, 1, repl)
+        return jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"]
 
-  full = step_flops(dict(decay_type="constant"))
-  frozen = step_flops([("img/.*", None), (".*", dict(decay_type="constant"))])
-  assert frozen < 0.45 * full, (frozen, full)
+    full = step_flops(dict(decay_type="constant"))
+    frozen = step_flops([("img/.*", None), (".*", dict(decay_type="constant"))])
+    assert frozen < 0.45 * full, (frozen, full)
 
 
 def test_grad_accumulation_matches_full_batch(baseline, tiny_config, tmp_path):
-  workdir_1, _, _ = baseline
-  tiny_config.accum_steps = 2
-  tiny_config.total_steps = 4
-  train.train(tiny_config, str(tmp_path), devices=jax.devices()[:1])
-  np.testing.assert_allclose(_losses(str(tmp_path)), _losses(workdir_1)[:4], rtol=1e-4)
+    workdir_1, _, _ = baseline
+    tiny_config.accum_steps = 2
+    tiny_config.total_steps = 4
+    train.train(tiny_config, str(tmp_path), devices=jax.devices()[:1])
+    np.testing.assert_allclose(_losses(str(tmp_path)), _losses(workdir_1)[:4], rtol=1e-4)
 
 
 def test_mean_evaluator_matches_direct_computation(baseline, data_dir):
-  workdir, result, config = baseline
-  task = classify.Task(config)
-  correct, total = 0, 0
-  for batch in input_pipeline.eval_batches(
-      {"data": {**config.input.data, "split": "validation"}, "pp": config.input.pp},
-      batch_size=16, process_index=0, process_count=1):
-    logits = np.asarray(task.logits(result.params, batch["image"]))
-    mask = batch["_mask"].astype(bool)
-    correct += int(np.sum((logits.argmax(-1) == batch["label"])[mask]))
-    total += int(mask.sum())
-  assert total == input_pipeline.num_examples({**config.input.data, "split": "validation"})
-  last = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
-  assert last["val/prec@1"] == pytest.approx(correct / total, abs=1e-6)
+    workdir, result, config = baseline
+    task = classify.Task(config)
+    correct, total = 0, 0
+    for batch in input_pipeline.eval_batches(
+        {"data": {**config.input.data, "split": "validation"}, "pp": config.input.pp},
+        batch_size=16,
+        process_index=0,
+        process_count=1,
+    ):
+        logits = np.asarray(task.logits(result.params, batch["image"]))
+        mask = batch["_mask"].astype(bool)
+        correct += int(np.sum((logits.argmax(-1) == batch["label"])[mask]))
+        total += int(mask.sum())
+    assert total == input_pipeline.num_examples({**config.input.data, "split": "validation"})
+    last = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))[-1]
+    assert last["val/prec@1"] == pytest.approx(correct / total, abs=1e-6)
 
 
 def test_batch_not_divisible_by_devices(tiny_config, tmp_path):
-  tiny_config.input.batch_size = 12
-  with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
-    train.train(tiny_config, str(tmp_path))
+    tiny_config.input.batch_size = 12
+    with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
+        train.train(tiny_config, str(tmp_path))

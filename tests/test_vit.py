@@ -19,8 +19,9 @@ N = (RES // PATCH) ** 2  # 16 patch tokens
 TINY = dict(width=32, depth=2, num_heads=4, mlp_dim=64, patch_size=PATCH)
 FAMILIES = {
     "bv": dict(),
-    "cappa": dict(norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False,
-                  num_registers=3),
+    "cappa": dict(
+        norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, num_registers=3
+    ),
 }
 
 
@@ -33,8 +34,10 @@ def init(model, seed=0):
 
 
 def flat(tree):
-    return {"/".join(str(getattr(k, "key", k)) for k in path): v
-            for path, v in jax.tree_util.tree_leaves_with_path(tree)}
+    return {
+        "/".join(str(getattr(k, "key", k)) for k in path): v
+        for path, v in jax.tree_util.tree_leaves_with_path(tree)
+    }
 
 
 def count(model, res):
@@ -63,6 +66,7 @@ def models():
 
 
 # ---------------------------------------------------------------- numpy reference of the model
+
 
 def np_gelu(x):  # tanh approximation, as flax's nn.gelu default
     return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
@@ -109,8 +113,9 @@ def np_vit(params, img, cfg):
     x = np_dense(patches, p["embedding"], "bhwijc,ijcd->bhwd").reshape(b, g * g, -1)
     x = x + p["pos_embedding"]
     if cfg.get("num_registers"):
-        x = np.concatenate([x, np.broadcast_to(p["registers"], (b, *p["registers"].shape[1:]))],
-                           axis=1)
+        x = np.concatenate(
+            [x, np.broadcast_to(p["registers"], (b, *p["registers"].shape[1:]))], axis=1
+        )
     for i in range(TINY["depth"]):
         bp = p["encoder"][f"block_{i}"]
         y = np_norm(x, bp["norm_attn_pre"], kind)
@@ -125,10 +130,13 @@ def np_vit(params, img, cfg):
     return np_dense(x, p["head"]) if "head" in p else x
 
 
-@pytest.mark.parametrize("family,kw", [
-    ("bv", dict(pool_type="gap", num_classes=5, head_zeroinit=False)),
-    ("cappa", dict(pool_type="none")),
-])
+@pytest.mark.parametrize(
+    "family,kw",
+    [
+        ("bv", dict(pool_type="gap", num_classes=5, head_zeroinit=False)),
+        ("cappa", dict(pool_type="none")),
+    ],
+)
 def test_matches_numpy_reference(models, image, family, kw):
     model, params = models(family, **kw)
     out, _ = model.apply({"params": params}, image)
@@ -137,6 +145,7 @@ def test_matches_numpy_reference(models, image, family, kw):
 
 
 # ---------------------------------------------------------------- components
+
 
 def test_rmsnorm_matches_numpy():
     x = np.random.RandomState(0).randn(3, 5, 8).astype(np.float32) * 3 + 1
@@ -160,7 +169,8 @@ def test_layernorm_matches_numpy():
 def test_norm_computes_in_float32():
     x = (np.random.RandomState(0).randn(4, 64) * 100 + 1000).astype(jnp.bfloat16)
     y = Norm("layernorm", dtype=jnp.bfloat16).apply(
-        {"params": {"scale": np.ones(64, np.float32), "bias": np.zeros(64, np.float32)}}, x)
+        {"params": {"scale": np.ones(64, np.float32), "bias": np.zeros(64, np.float32)}}, x
+    )
     assert y.dtype == jnp.bfloat16
     x64 = np.asarray(x, np.float64)
     want = (x64 - x64.mean(-1, keepdims=True)) / x64.std(-1, keepdims=True)
@@ -172,8 +182,9 @@ def test_geglu_mlp_matches_numpy(normformer):
     x = np.random.RandomState(0).randn(2, 5, 8).astype(np.float32)
     mlp = MlpBlock(16, "geglu", use_bias=False, normformer=normformer, norm="rmsnorm")
     params = mlp.init(jax.random.key(0), x)["params"]
-    params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape),
-                          params)  # non-trivial norm scales
+    params = jax.tree.map(
+        lambda a: a + 0.1 * jax.random.normal(jax.random.key(1), a.shape), params
+    )  # non-trivial norm scales
     expected_keys = {"wi_0", "wi_1", "wo"} | ({"norm_mid"} if normformer else set())
     assert set(params) == expected_keys
     y = mlp.apply({"params": params}, x)
@@ -185,6 +196,7 @@ def test_geglu_mlp_matches_numpy(normformer):
 
 
 # ---------------------------------------------------------------- shapes, params, pooling
+
 
 @pytest.mark.parametrize("family", ["bv", "cappa"])
 @pytest.mark.parametrize("pool", ["gap", "map", "tok", "none"])
@@ -224,21 +236,37 @@ def test_bias_parameters_per_family(models):
     assert not [k for k in flat(cappa_nohead) if "bias" in k]
     _, bv = models("bv", pool_type="gap")
     bv_names = flat(bv)
-    for k in ["embedding/bias", "encoder/block_1/attn/query/bias", "encoder/block_1/mlp/wi/bias",
-              "encoder/block_1/mlp/wo/bias", "encoder/block_1/norm_attn_pre/bias",
-              "encoder/norm_final/bias"]:
+    for k in [
+        "embedding/bias",
+        "encoder/block_1/attn/query/bias",
+        "encoder/block_1/mlp/wi/bias",
+        "encoder/block_1/mlp/wo/bias",
+        "encoder/block_1/norm_attn_pre/bias",
+        "encoder/norm_final/bias",
+    ]:
         assert k in bv_names, k
 
 
 def test_parameter_paths(models):
     _, p = models("cappa", pool_type="tok", num_classes=5)
     names = set(flat(p))
-    for k in ["embedding/kernel", "pos_embedding", "registers", "cls", "head/kernel",
-              "encoder/block_0/attn/query/kernel", "encoder/block_1/attn/out/kernel",
-              "encoder/block_1/mlp/wi_0/kernel", "encoder/block_1/mlp/wi_1/kernel",
-              "encoder/block_1/mlp/norm_mid/scale", "encoder/block_1/mlp/wo/kernel",
-              "encoder/block_1/norm_attn_pre/scale", "encoder/block_1/norm_attn_post/scale",
-              "encoder/block_1/norm_mlp_pre/scale", "encoder/norm_final/scale"]:
+    for k in [
+        "embedding/kernel",
+        "pos_embedding",
+        "registers",
+        "cls",
+        "head/kernel",
+        "encoder/block_0/attn/query/kernel",
+        "encoder/block_1/attn/out/kernel",
+        "encoder/block_1/mlp/wi_0/kernel",
+        "encoder/block_1/mlp/wi_1/kernel",
+        "encoder/block_1/mlp/norm_mid/scale",
+        "encoder/block_1/mlp/wo/kernel",
+        "encoder/block_1/norm_attn_pre/scale",
+        "encoder/block_1/norm_attn_post/scale",
+        "encoder/block_1/norm_mlp_pre/scale",
+        "encoder/norm_final/scale",
+    ]:
         assert k in names, k
     assert p["encoder"]["block_0"]["attn"]["query"]["kernel"].shape == (32, 4, 8)
 
@@ -272,8 +300,7 @@ def test_position_embedding_breaks_permutation_invariance(models, image):
     # Permuting the position embeddings along with the patches restores the output exactly:
     # the position embedding is the only source of position information.
     p2 = {**params, "pos_embedding": params["pos_embedding"][:, perm]}
-    np.testing.assert_allclose(model.apply({"params": p2}, permuted)[0], out,
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.apply({"params": p2}, permuted)[0], out, rtol=1e-4, atol=1e-5)
 
 
 def test_head_zero_init(models, image):
@@ -288,6 +315,7 @@ def test_head_zero_init(models, image):
 
 # ---------------------------------------------------------------- scan, remat, dtype, dropout
 
+
 def test_scan_matches_unscanned(models, image):
     model_s, params_s = models("cappa", pool_type="gap", scan=True)
     model_u, params_u = models("cappa", pool_type="gap")
@@ -301,9 +329,12 @@ def test_scan_matches_unscanned(models, image):
     # and the other way, on a nested tree as a task would hold it
     back = unscanned_to_scan({"img": params_u})["img"]
     assert jax.tree.structure(back) == jax.tree.structure(params_s)
-    np.testing.assert_allclose(model_s.apply({"params": back}, image)[0],
-                               model_u.apply({"params": params_u}, image)[0],
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        model_s.apply({"params": back}, image)[0],
+        model_u.apply({"params": params_u}, image)[0],
+        rtol=1e-5,
+        atol=1e-5,
+    )
     roundtrip = unscanned_to_scan(scan_to_unscanned(params_s))
     jax.tree.map(np.testing.assert_array_equal, roundtrip, params_s)
 
@@ -312,6 +343,7 @@ def _value_and_grad(model, params, image):
     def loss(p):
         out, _ = model.apply({"params": p}, image)
         return jnp.sum(out**2)
+
     return jax.jit(jax.value_and_grad(loss))(params)
 
 
@@ -352,15 +384,20 @@ def test_dropout(models, image):
     assert not np.allclose(t1, t2, atol=1e-4)
     # no dropout: train == eval, no rng needed
     model0, params0 = models("bv", pool_type="gap")
-    np.testing.assert_allclose(model0.apply({"params": params0}, image, train=True)[0],
-                               model0.apply({"params": params0}, image)[0], rtol=1e-6)
+    np.testing.assert_allclose(
+        model0.apply({"params": params0}, image, train=True)[0],
+        model0.apply({"params": params0}, image)[0],
+        rtol=1e-6,
+    )
 
 
 # ---------------------------------------------------------------- variants and counts
 
+
 def test_decode_variant():
-    assert decode_variant("Ti/16") == dict(width=192, depth=12, mlp_dim=768, num_heads=3,
-                                           patch_size=(16, 16))
+    assert decode_variant("Ti/16") == dict(
+        width=192, depth=12, mlp_dim=768, num_heads=3, patch_size=(16, 16)
+    )
     assert decode_variant("L/14")["patch_size"] == (14, 14)
     assert decode_variant("g/14")["width"] == 1408
     assert decode_variant("G/14")["depth"] == 48
@@ -376,7 +413,15 @@ def test_vit_b16_parameter_count():
 
 def test_cappa_l16_parameter_count():
     kw = {**decode_variant("L/16"), "mlp_dim": 3072}
-    model = ViT(**kw, norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False,
-                num_registers=8, pool_type="none", scan=True)
+    model = ViT(
+        **kw,
+        norm="rmsnorm",
+        normformer=True,
+        mlp_type="geglu",
+        use_bias=False,
+        num_registers=8,
+        pool_type="none",
+        scan=True,
+    )
     # 786,432 stem + 262,144 posemb + 8,192 registers + 24 * 13,637,632 blocks + 1,024 final norm
     assert count(model, 256) == 328_360_960

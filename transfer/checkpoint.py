@@ -25,151 +25,192 @@ ITEMS = ("params", "train", "input")
 
 
 class CheckpointMismatchError(ValueError):
-  """A checkpoint whose tree does not fit the model: the message lists the paths."""
+    """A checkpoint whose tree does not fit the model: the message lists the paths."""
 
 
-def manager(directory: str, keep: int = 3, async_save: bool = True,
-            read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(
-      max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
-      read_only=read_only, cleanup_tmp_directories=not read_only)
-  handlers = {"params": ocp.PyTreeCheckpointHandler(), "train": ocp.PyTreeCheckpointHandler(),
-              "input": ocp.JsonCheckpointHandler()}
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_handlers=handlers)
+def manager(
+    directory: str, keep: int = 3, async_save: bool = True, read_only: bool = False
+) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep,
+        enable_async_checkpointing=async_save,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    handlers = {
+        "params": ocp.PyTreeCheckpointHandler(),
+        "train": ocp.PyTreeCheckpointHandler(),
+        "input": ocp.JsonCheckpointHandler(),
+    }
+    return ocp.CheckpointManager(
+        os.path.abspath(directory), options=options, item_handlers=handlers
+    )
 
 
-def save(mngr: ocp.CheckpointManager, step: int, params: Any, train: Any,
-         input_state: Mapping) -> None:
-  mngr.save(step, args=ocp.args.Composite(
-      params=ocp.args.PyTreeSave(params),
-      train=ocp.args.PyTreeSave(train),
-      input=ocp.args.JsonSave(dict(input_state))), force=True)
+def save(
+    mngr: ocp.CheckpointManager, step: int, params: Any, train: Any, input_state: Mapping
+) -> None:
+    mngr.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.PyTreeSave(params),
+            train=ocp.args.PyTreeSave(train),
+            input=ocp.args.JsonSave(dict(input_state)),
+        ),
+        force=True,
+    )
 
 
 def _shapes(metadata_tree: Any) -> dict[str, tuple]:
-  return {p: tuple(getattr(m, "shape", ())) for p, m in tree.flatten(metadata_tree).items()}
+    return {p: tuple(getattr(m, "shape", ())) for p, m in tree.flatten(metadata_tree).items()}
 
 
 def _mismatch_report(expected: dict[str, tuple], found: dict[str, tuple], what: str) -> str:
-  missing = sorted(set(expected) - set(found))
-  extra = sorted(set(found) - set(expected))
-  wrong = sorted(p for p in set(expected) & set(found) if expected[p] != found[p])
-  lines = [f"{what} does not match this model:"]
-  for p in wrong[:10]:
-    lines.append(f"  {p}: checkpoint has shape {found[p]}, model expects {expected[p]}")
-  if missing:
-    lines.append(f"  missing in checkpoint ({len(missing)}): {missing[:5]}")
-  if extra:
-    lines.append(f"  not in model ({len(extra)}): {extra[:5]}")
-  return "\n".join(lines)
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    wrong = sorted(p for p in set(expected) & set(found) if expected[p] != found[p])
+    lines = [f"{what} does not match this model:"]
+    for p in wrong[:10]:
+        lines.append(f"  {p}: checkpoint has shape {found[p]}, model expects {expected[p]}")
+    if missing:
+        lines.append(f"  missing in checkpoint ({len(missing)}): {missing[:5]}")
+    if extra:
+        lines.append(f"  not in model ({len(extra)}): {extra[:5]}")
+    return "\n".join(lines)
 
 
-def check_compatible(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
-                     workdir: str) -> None:
-  """Fails with the differing parameter paths instead of an opaque orbax error."""
-  meta = mngr.item_metadata(step)["params"]
-  found = _shapes(meta.tree if hasattr(meta, "tree") else meta)
-  expected = _shapes(abstract_params)
-  if found != expected:
-    raise CheckpointMismatchError(
-        _mismatch_report(expected, found, f"The checkpoint at step {step} in {workdir}") +
-        "\nThe workdir belongs to another model: use a new --workdir, or delete its checkpoints "
-        "to start over.")
+def check_compatible(
+    mngr: ocp.CheckpointManager, step: int, abstract_params: Any, workdir: str
+) -> None:
+    """Fails with the differing parameter paths instead of an opaque orbax error."""
+    meta = mngr.item_metadata(step)["params"]
+    found = _shapes(meta.tree if hasattr(meta, "tree") else meta)
+    expected = _shapes(abstract_params)
+    if found != expected:
+        raise CheckpointMismatchError(
+            _mismatch_report(expected, found, f"The checkpoint at step {step} in {workdir}")
+            + "\nThe workdir belongs to another model: use a new --workdir, or delete its checkpoints "
+            "to start over."
+        )
 
 
 def _pytree_restore(abstract: Any, partial: bool = False) -> ocp.args.PyTreeRestore:
-  """Restores into the dtypes and shardings of `abstract` (ShapeDtypeStructs with .sharding)."""
-  return ocp.args.PyTreeRestore(
-      item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
-      partial_restore=partial)
+    """Restores into the dtypes and shardings of `abstract` (ShapeDtypeStructs with .sharding)."""
+    return ocp.args.PyTreeRestore(
+        item=abstract,
+        restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+        partial_restore=partial,
+    )
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_params: Any,
-            abstract_train: Any) -> tuple[Any, Any, dict]:
-  out = mngr.restore(step, args=ocp.args.Composite(
-      params=_pytree_restore(abstract_params),
-      train=_pytree_restore(abstract_train),
-      input=ocp.args.JsonRestore()))
-  return out["params"], out["train"], dict(out["input"] or {})
+def restore(
+    mngr: ocp.CheckpointManager, step: int, abstract_params: Any, abstract_train: Any
+) -> tuple[Any, Any, dict]:
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            params=_pytree_restore(abstract_params),
+            train=_pytree_restore(abstract_train),
+            input=ocp.args.JsonRestore(),
+        ),
+    )
+    return out["params"], out["train"], dict(out["input"] or {})
 
 
 # ---------------------------------------------------------------------------------------------- model_init
 def _checkpoint_dir(path: str) -> tuple[str, int]:
-  """Accepts a workdir (uses its checkpoints/ latest step), a checkpoints dir or a step dir."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, "checkpoints")):
-    path = os.path.join(path, "checkpoints")
-  if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.isdir(os.path.join(path, "params")):
-    return os.path.dirname(path), int(os.path.basename(path))
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"config.model_init = '{path}' does not exist.")
-  mngr = manager(path, read_only=True)
-  step = mngr.latest_step()
-  mngr.close()
-  if step is None:
-    raise FileNotFoundError(f"config.model_init = '{path}' holds no complete checkpoint.")
-  return path, step
+    """Accepts a workdir (uses its checkpoints/ latest step), a checkpoints dir or a step dir."""
+    path = os.path.abspath(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        path = os.path.join(path, "checkpoints")
+    if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.isdir(os.path.join(path, "params")):
+        return os.path.dirname(path), int(os.path.basename(path))
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"config.model_init = '{path}' does not exist.")
+    mngr = manager(path, read_only=True)
+    step = mngr.latest_step()
+    mngr.close()
+    if step is None:
+        raise FileNotFoundError(f"config.model_init = '{path}' holds no complete checkpoint.")
+    return path, step
 
 
 def _map_path(src: str, src_subtree: str, dst_subtree: str) -> str | None:
-  src_subtree, dst_subtree = src_subtree.strip("/"), dst_subtree.strip("/")
-  if src_subtree:
-    if not src.startswith(src_subtree + "/"):
-      return None
-    src = src[len(src_subtree) + 1:]
-  return f"{dst_subtree}/{src}" if dst_subtree else src
+    src_subtree, dst_subtree = src_subtree.strip("/"), dst_subtree.strip("/")
+    if src_subtree:
+        if not src.startswith(src_subtree + "/"):
+            return None
+        src = src[len(src_subtree) + 1 :]
+    return f"{dst_subtree}/{src}" if dst_subtree else src
 
 
 def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tuple[Any, dict]:
-  """Loads `params` leaves from another run's checkpoint; returns (new params, report).
+    """Loads `params` leaves from another run's checkpoint; returns (new params, report).
 
-  Every target parameter must be loaded unless a `dont_load` regex matches it; shapes must agree. Source parameters
-  that nothing uses are reported, not an error (loading an image tower out of a full CapPa checkpoint is normal).
-  """
-  ckpt_dir, step = _checkpoint_dir(path)
-  dont_load = [r for r in (load_cfg.get("dont_load") or [])]
-  src_sub, dst_sub = load_cfg.get("src_subtree") or "", load_cfg.get("dst_subtree") or ""
-  mngr = manager(ckpt_dir, read_only=True)
-  meta = mngr.item_metadata(step)["params"]
-  src_shapes = _shapes(meta.tree if hasattr(meta, "tree") else meta)
-  flat_params, flat_shard = tree.flatten(params), tree.flatten(shardings)
-  mapping, unused = {}, []
-  for src in src_shapes:
-    dst = _map_path(src, src_sub, dst_sub)
-    if dst is None or dst not in flat_params or any(re.fullmatch(r, dst) for r in dont_load):
-      unused.append(src)
-    else:
-      mapping[src] = dst
-  wrong = [f"{dst}: checkpoint {src_shapes[src]} vs model {tuple(flat_params[dst].shape)}"
-           for src, dst in mapping.items() if src_shapes[src] != tuple(flat_params[dst].shape)]
-  loaded = set(mapping.values())
-  missing = [p for p in flat_params if p not in loaded and not any(re.fullmatch(r, p)
-                                                                   for r in dont_load)]
-  if wrong or missing:
-    msg = [f"config.model_init = '{path}' (step {step}) does not fit this model:"]
-    msg += [f"  shape mismatch {w}" for w in wrong[:10]]
-    if missing:
-      msg.append(f"  not found in checkpoint ({len(missing)}): {missing[:5]}; add them to "
-                 "config.model_load.dont_load to keep their initialisation")
-    raise CheckpointMismatchError("\n".join(msg))
-  item = tree.unflatten({
-      s: jax.ShapeDtypeStruct(flat_params[d].shape, flat_params[d].dtype, sharding=flat_shard[d])
-      for s, d in mapping.items()})
-  restored = mngr.restore(step, args=ocp.args.Composite(
-      params=_pytree_restore(item, partial=True)))["params"]
-  mngr.close()
-  out = dict(flat_params)
-  flat_restored = tree.flatten(restored)
-  for src, dst in mapping.items():
-    out[dst] = flat_restored[src]
-  report = {"model_init/loaded": len(mapping), "model_init/kept_init": len(flat_params) -
-            len(mapping), "model_init/unused": len(unused)}
-  return tree.unflatten(out), report
+    Every target parameter must be loaded unless a `dont_load` regex matches it; shapes must agree. Source parameters
+    that nothing uses are reported, not an error (loading an image tower out of a full CapPa checkpoint is normal).
+    """
+    ckpt_dir, step = _checkpoint_dir(path)
+    dont_load = [r for r in (load_cfg.get("dont_load") or [])]
+    src_sub, dst_sub = load_cfg.get("src_subtree") or "", load_cfg.get("dst_subtree") or ""
+    mngr = manager(ckpt_dir, read_only=True)
+    meta = mngr.item_metadata(step)["params"]
+    src_shapes = _shapes(meta.tree if hasattr(meta, "tree") else meta)
+    flat_params, flat_shard = tree.flatten(params), tree.flatten(shardings)
+    mapping, unused = {}, []
+    for src in src_shapes:
+        dst = _map_path(src, src_sub, dst_sub)
+        if dst is None or dst not in flat_params or any(re.fullmatch(r, dst) for r in dont_load):
+            unused.append(src)
+        else:
+            mapping[src] = dst
+    wrong = [
+        f"{dst}: checkpoint {src_shapes[src]} vs model {tuple(flat_params[dst].shape)}"
+        for src, dst in mapping.items()
+        if src_shapes[src] != tuple(flat_params[dst].shape)
+    ]
+    loaded = set(mapping.values())
+    missing = [
+        p for p in flat_params if p not in loaded and not any(re.fullmatch(r, p) for r in dont_load)
+    ]
+    if wrong or missing:
+        msg = [f"config.model_init = '{path}' (step {step}) does not fit this model:"]
+        msg += [f"  shape mismatch {w}" for w in wrong[:10]]
+        if missing:
+            msg.append(
+                f"  not found in checkpoint ({len(missing)}): {missing[:5]}; add them to "
+                "config.model_load.dont_load to keep their initialisation"
+            )
+        raise CheckpointMismatchError("\n".join(msg))
+    item = tree.unflatten(
+        {
+            s: jax.ShapeDtypeStruct(
+                flat_params[d].shape, flat_params[d].dtype, sharding=flat_shard[d]
+            )
+            for s, d in mapping.items()
+        }
+    )
+    restored = mngr.restore(
+        step, args=ocp.args.Composite(params=_pytree_restore(item, partial=True))
+    )["params"]
+    mngr.close()
+    out = dict(flat_params)
+    flat_restored = tree.flatten(restored)
+    for src, dst in mapping.items():
+        out[dst] = flat_restored[src]
+    report = {
+        "model_init/loaded": len(mapping),
+        "model_init/kept_init": len(flat_params) - len(mapping),
+        "model_init/unused": len(unused),
+    }
+    return tree.unflatten(out), report
 
 
-def host_positions(position: int) -> list[int]:
-  """Every host's input position (for the JSON item), gathered on each host."""
-  if jax.process_count() == 1:
-    return [int(position)]
-  from jax.experimental import multihost_utils
-  return [int(p) for p in np.asarray(multihost_utils.process_allgather(np.int64(position)))]
+def gather_ints(value: int) -> list[int]:
+    """Every host's value (e.g. its input position), in process order, on each host."""
+    if jax.process_count() == 1:
+        return [int(value)]
+    from jax.experimental import multihost_utils
+
+    return [int(p) for p in np.asarray(multihost_utils.process_allgather(np.int64(value)))]

@@ -20,43 +20,49 @@ COMMANDS = {
 
 
 def train_command(argv: list[str]) -> int:
-  argv, overrides = config_lib.split_cli_overrides(argv)
-  parser = argparse.ArgumentParser(prog="cappa train", description=__doc__)
-  parser.add_argument("--config", required=True,
-                      help="path/to/config.py[:arg]; override fields with --config.a.b=value")
-  parser.add_argument("--workdir", required=True,
-                      help="run directory: config.json, metrics.jsonl, tb/, checkpoints/")
-  args = parser.parse_args(argv)
-  from transfer import train  # Heavy imports after argument errors are reported.
+    argv, overrides = config_lib.split_cli_overrides(argv)
+    parser = argparse.ArgumentParser(prog="cappa train", description=__doc__)
+    parser.add_argument(
+        "--config",
+        required=True,
+        help="path/to/config.py[:arg]; override fields with --config.a.b=value",
+    )
+    parser.add_argument(
+        "--workdir",
+        required=True,
+        help="run directory: config.json, metrics.jsonl, tb/, checkpoints/",
+    )
+    args = parser.parse_args(argv)
+    from transfer import train  # Heavy imports after argument errors are reported.
 
-  try:
-    config = config_lib.load_config_file(args.config)
-    config, _ = train.prepare_config(config)
-    config_lib.apply_overrides(config, overrides)
-    result = train.train(config, args.workdir)
-  except train.Preempted as e:
-    print(e, file=sys.stderr)
-    return 143
-  except (config_lib.ConfigError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()})
-  return 0
+    try:
+        config = config_lib.load_config_file(args.config)
+        config, _ = train.prepare_config(config)
+        config_lib.apply_overrides(config, overrides)
+        result = train.train(config, args.workdir)
+    except train.Preempted as e:
+        print(e, file=sys.stderr)
+        return 143
+    except (config_lib.ConfigError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
-  if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-    lines = ["usage: cappa COMMAND [args]", "", "commands:"]
-    lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
-    print("\n".join(lines))
-    if argv and argv[0] not in ("-h", "--help"):
-      print(f"\nerror: unknown command '{argv[0]}'", file=sys.stderr)
-      return 2
-    return 0
-  target, _ = COMMANDS[argv[0]]
-  return int(registry.import_object(target)(argv[1:]) or 0)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        lines = ["usage: cappa COMMAND [args]", "", "commands:"]
+        lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        print("\n".join(lines))
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nerror: unknown command '{argv[0]}'", file=sys.stderr)
+            return 2
+        return 0
+    target, _ = COMMANDS[argv[0]]
+    return int(registry.import_object(target)(argv[1:]) or 0)
 
 
 if __name__ == "__main__":
-  sys.exit(main())
+    sys.exit(main())

@@ -22,85 +22,111 @@ MEAN_DEFAULTS = dict(type="mean", data=None, pp=None, batch_size=None, log_steps
 
 
 class MeanEvaluator:
-  """Averages `task.eval_metrics(params, batch)` over one pass of a split (padding masked out)."""
+    """Averages `task.eval_metrics(params, batch)` over one pass of a split (padding masked out)."""
 
-  def __init__(self, eval_cfg: Mapping, *, task: Any, config: Any, mesh: jax.sharding.Mesh,
-               batch_sharding: jax.sharding.NamedSharding, param_shardings: Any):
-    unknown = set(eval_cfg) - set(MEAN_DEFAULTS)
-    if unknown:
-      raise ValueError(f"Unknown keys {sorted(unknown)} for a 'mean' evaluator; valid: "
-                       f"{sorted(MEAN_DEFAULTS)}.")
-    data = dict(config.input.data)
-    data.update(eval_cfg.get("data") or {})
-    self.input_cfg = {"data": data, "pp": eval_cfg.get("pp") or config.input.pp}
-    self.batch_size = int(eval_cfg.get("batch_size") or config.input.batch_size)
-    axes = batch_sharding.spec[0]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    sharding.check_batch_size(self.batch_size, mesh, axes, "eval batch_size")
-    self.batch_sharding = batch_sharding
-    input_pipeline.get_builder(data)  # Fail at start-up, not at the first evaluation.
-    self._num_batches = self._batches_per_host(data)
+    def __init__(
+        self,
+        eval_cfg: Mapping,
+        *,
+        task: Any,
+        config: Any,
+        mesh: jax.sharding.Mesh,
+        batch_sharding: jax.sharding.NamedSharding,
+        param_shardings: Any,
+    ):
+        unknown = set(eval_cfg) - set(MEAN_DEFAULTS)
+        if unknown:
+            raise ValueError(
+                f"Unknown keys {sorted(unknown)} for a 'mean' evaluator; valid: "
+                f"{sorted(MEAN_DEFAULTS)}."
+            )
+        data = dict(config.input.data)
+        data.update(eval_cfg.get("data") or {})
+        self.input_cfg = {"data": data, "pp": eval_cfg.get("pp") or config.input.pp}
+        self.batch_size = int(eval_cfg.get("batch_size") or config.input.batch_size)
+        axes = batch_sharding.spec[0]
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        sharding.check_batch_size(self.batch_size, mesh, axes, "eval batch_size")
+        self.batch_sharding = batch_sharding
+        input_pipeline.get_builder(data)  # Fail at start-up, not at the first evaluation.
+        self._num_batches = self._batches_per_host(data)
 
-    def sums(params, batch):
-      values = task.eval_metrics(params, batch)
-      mask = batch["_mask"].astype(jnp.float32)
-      out = {k: jnp.sum(jnp.asarray(v, jnp.float32) * mask) for k, v in values.items()}
-      out["_count"] = jnp.sum(mask)
-      return out
+        def sums(params, batch):
+            values = task.eval_metrics(params, batch)
+            mask = batch["_mask"].astype(jnp.float32)
+            out = {k: jnp.sum(jnp.asarray(v, jnp.float32) * mask) for k, v in values.items()}
+            out["_count"] = jnp.sum(mask)
+            return out
 
-    self._sums = jax.jit(sums, in_shardings=(param_shardings, batch_sharding))
+        self._sums = jax.jit(sums, in_shardings=(param_shardings, batch_sharding))
 
-  def _batches_per_host(self, data: Mapping) -> int:
-    """Every host runs the same number of batches (collectives would hang otherwise)."""
-    count = jax.process_count()
-    per_host = [input_pipeline.num_examples(data, i, count) for i in range(count)]
-    return math.ceil(max(per_host) / (self.batch_size // count))
+    def _batches_per_host(self, data: Mapping) -> int:
+        """Every host runs the same number of batches (collectives would hang otherwise)."""
+        count = jax.process_count()
+        per_host = [input_pipeline.num_examples(data, i, count) for i in range(count)]
+        return math.ceil(max(per_host) / (self.batch_size // count))
 
-  def _batches(self) -> Iterator[dict]:
-    last = None
-    n = 0
-    for batch in input_pipeline.eval_batches(self.input_cfg, batch_size=self.batch_size):
-      last = batch
-      n += 1
-      yield batch
-    while n < self._num_batches and last is not None:  # Pad hosts with fewer examples.
-      n += 1
-      yield {k: (np.zeros_like(v) if k == "_mask" else v) for k, v in last.items()}
+    def _batches(self) -> Iterator[dict]:
+        last = None
+        n = 0
+        for batch in input_pipeline.eval_batches(self.input_cfg, batch_size=self.batch_size):
+            last = batch
+            n += 1
+            yield batch
+        while n < self._num_batches and last is not None:  # Pad hosts with fewer examples.
+            n += 1
+            yield {k: (np.zeros_like(v) if k == "_mask" else v) for k, v in last.items()}
 
-  def run(self, params: Any) -> dict[str, float]:
-    totals: dict[str, float] = {}
-    for batch in self._batches():
-      out = self._sums(params, sharding.put_batch(batch, self.batch_sharding))
-      for k, v in out.items():
-        totals[k] = totals.get(k, 0.0) + float(v)
-    count = totals.pop("_count", 0.0)
-    if count == 0:
-      raise ValueError(f"Evaluation data {self.input_cfg['data']} produced no examples.")
-    return {k: v / count for k, v in totals.items()}
+    def run(self, params: Any) -> dict[str, float]:
+        totals: dict[str, float] = {}
+        for batch in self._batches():
+            out = self._sums(params, sharding.put_batch(batch, self.batch_sharding))
+            for k, v in out.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        count = totals.pop("_count", 0.0)
+        if count == 0:
+            raise ValueError(f"Evaluation data {self.input_cfg['data']} produced no examples.")
+        return {k: v / count for k, v in totals.items()}
 
 
 BUILTIN = {"mean": MeanEvaluator}
 
 
 def resolve(type_name: str, task: Any) -> type:
-  provided = dict(task.evaluators()) if hasattr(task, "evaluators") else {}
-  if type_name in provided:
-    return provided[type_name]
-  if type_name in BUILTIN:
-    return BUILTIN[type_name]
-  if ":" in type_name:
-    return registry.import_object(type_name)
-  raise ValueError(f"Unknown evaluator type '{type_name}': use one of "
-                   f"{sorted(BUILTIN) + sorted(provided)} or 'package.module:Class'.")
+    provided = dict(task.evaluators()) if hasattr(task, "evaluators") else {}
+    if type_name in provided:
+        return provided[type_name]
+    if type_name in BUILTIN:
+        return BUILTIN[type_name]
+    if ":" in type_name:
+        return registry.import_object(type_name)
+    raise ValueError(
+        f"Unknown evaluator type '{type_name}': use one of "
+        f"{sorted(BUILTIN) + sorted(provided)} or 'package.module:Class'."
+    )
 
 
-def build(config: Any, *, task: Any, mesh: jax.sharding.Mesh,
-          batch_sharding: jax.sharding.NamedSharding, param_shardings: Any) -> dict[str, Any]:
-  evaluators = {}
-  for name, eval_cfg in (config.evals or {}).items():
-    eval_cfg = dict(eval_cfg)
-    cls = resolve(eval_cfg.get("type", "mean"), task)
-    evaluators[name] = (cls(eval_cfg, task=task, config=config, mesh=mesh,
-                            batch_sharding=batch_sharding, param_shardings=param_shardings),
-                        eval_cfg.get("log_steps"))
-  return evaluators
+def build(
+    config: Any,
+    *,
+    task: Any,
+    mesh: jax.sharding.Mesh,
+    batch_sharding: jax.sharding.NamedSharding,
+    param_shardings: Any,
+) -> dict[str, Any]:
+    evaluators = {}
+    for name, eval_cfg in (config.evals or {}).items():
+        eval_cfg = dict(eval_cfg)
+        cls = resolve(eval_cfg.get("type", "mean"), task)
+        evaluators[name] = (
+            cls(
+                eval_cfg,
+                task=task,
+                config=config,
+                mesh=mesh,
+                batch_sharding=batch_sharding,
+                param_shardings=param_shardings,
+            ),
+            eval_cfg.get("log_steps"),
+        )
+    return evaluators

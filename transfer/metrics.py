@@ -17,105 +17,113 @@ import numpy as np
 
 
 def _scalar(v: Any) -> float | int:
-  v = np.asarray(v)
-  return v.item() if v.size == 1 else float(v.mean())
+    v = np.asarray(v)
+    return v.item() if v.size == 1 else float(v.mean())
 
 
 class MetricsWriter:
-  """Appends to WORKDIR/metrics.jsonl and writes TensorBoard events through clu."""
+    """Appends to WORKDIR/metrics.jsonl and writes TensorBoard events through clu."""
 
-  def __init__(self, workdir: str, *, resume_step: int | None = None):
-    self.is_writer = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
-    self._tb = None
-    if not self.is_writer:
-      return
-    os.makedirs(workdir, exist_ok=True)
-    self._truncate_after(resume_step)
-    from clu import metric_writers  # Heavy import (TensorBoard); only the writing process pays.
-    self._tb = metric_writers.create_default_writer(
-        os.path.join(workdir, "tb"), asynchronous=False)
+    def __init__(self, workdir: str, *, resume_step: int | None = None):
+        self.is_writer = jax.process_index() == 0
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self._tb = None
+        if not self.is_writer:
+            return
+        os.makedirs(workdir, exist_ok=True)
+        self._truncate_after(resume_step)
+        from clu import metric_writers  # Heavy import (TensorBoard); only the writing process pays.
 
-  def _truncate_after(self, step: int | None) -> None:
-    """On resume, drop rows logged after the restored checkpoint: they are about to be redone."""
-    if not os.path.exists(self.path):
-      return
-    if step is None:
-      step = -1
-    with open(self.path) as f:
-      rows = [line for line in f if line.strip()]
-    kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
-    if len(kept) != len(rows):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(kept)
-      os.replace(tmp, self.path)
+        self._tb = metric_writers.create_default_writer(
+            os.path.join(workdir, "tb"), asynchronous=False
+        )
 
-  def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
-    row = {"step": int(step)}
-    row.update({k: _scalar(v) for k, v in metrics.items()})
-    if self.is_writer:
-      with open(self.path, "a") as f:
-        f.write(json.dumps(row, allow_nan=True) + "\n")
-      scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
-      self._tb.write_scalars(int(step), scalars)
-      self._tb.flush()
-    return row
+    def _truncate_after(self, step: int | None) -> None:
+        """On resume, drop rows logged after the restored checkpoint: they are about to be redone."""
+        if not os.path.exists(self.path):
+            return
+        if step is None:
+            step = -1
+        with open(self.path) as f:
+            rows = [line for line in f if line.strip()]
+        kept = [r for r in rows if json.loads(r).get("step", 0) <= step]
+        if len(kept) != len(rows):
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(kept)
+            os.replace(tmp, self.path)
 
-  def close(self) -> None:
-    if self._tb is not None:
-      self._tb.close()
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict:
+        row = {"step": int(step)}
+        row.update({k: _scalar(v) for k, v in metrics.items()})
+        if self.is_writer:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row, allow_nan=True) + "\n")
+            scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+            self._tb.write_scalars(int(step), scalars)
+            self._tb.flush()
+        return row
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 def _fmt_time(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(seconds)
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
 class Progress:
-  """Steps/s, examples/s and ETA since the previous report (first compile excluded)."""
+    """Steps/s, examples/s and ETA since the previous report (first compile excluded)."""
 
-  def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
-    self.total_steps = total_steps
-    self.batch_size = batch_size
-    self._last_step = start_step
-    self._last_time = time.perf_counter()
+    def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
+        self.total_steps = total_steps
+        self.batch_size = batch_size
+        self._last_step = start_step
+        self._last_time = time.perf_counter()
 
-  def reset(self, step: int) -> None:
-    """Call after the first (compiling) step so compile time does not count as speed."""
-    self._last_step, self._last_time = step, time.perf_counter()
+    def reset(self, step: int) -> None:
+        """Call after the first (compiling) step so compile time does not count as speed."""
+        self._last_step, self._last_time = step, time.perf_counter()
 
-  def measure(self, step: int) -> dict[str, float]:
-    now = time.perf_counter()
-    dt = max(now - self._last_time, 1e-9)
-    steps = step - self._last_step
-    self._last_step, self._last_time = step, now
-    if steps <= 0:
-      return {}
-    sps = steps / dt
-    return {"steps_per_sec": sps, "examples_per_sec": sps * self.batch_size,
-            "eta_sec": (self.total_steps - step) / sps}
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        dt = max(now - self._last_time, 1e-9)
+        steps = step - self._last_step
+        self._last_step, self._last_time = step, now
+        if steps <= 0:
+            return {}
+        sps = steps / dt
+        return {
+            "steps_per_sec": sps,
+            "examples_per_sec": sps * self.batch_size,
+            "eta_sec": (self.total_steps - step) / sps,
+        }
 
-  def line(self, step: int, speed: Mapping[str, float], metrics: Mapping[str, Any]) -> str:
-    parts = [f"step {step}/{self.total_steps}"]
-    if speed:
-      parts += [f"{speed['steps_per_sec']:.2f} steps/s", f"{speed['examples_per_sec']:.0f} ex/s",
-                f"ETA {_fmt_time(speed['eta_sec'])}"]
-    for k in ("train/loss", "lr"):
-      if k in metrics:
-        parts.append(f"{k.split('/')[-1]} {_scalar(metrics[k]):.4g}")
-    return "  ".join(parts)
+    def line(self, step: int, speed: Mapping[str, float], metrics: Mapping[str, Any]) -> str:
+        parts = [f"step {step}/{self.total_steps}"]
+        if speed:
+            parts += [
+                f"{speed['steps_per_sec']:.2f} steps/s",
+                f"{speed['examples_per_sec']:.0f} ex/s",
+                f"ETA {_fmt_time(speed['eta_sec'])}",
+            ]
+        for k in ("train/loss", "lr"):
+            if k in metrics:
+                parts.append(f"{k.split('/')[-1]} {_scalar(metrics[k]):.4g}")
+        return "  ".join(parts)
 
 
 def log(message: str) -> None:
-  if jax.process_index() == 0:
-    print(message, flush=True)
+    if jax.process_index() == 0:
+        print(message, flush=True)

@@ -9,36 +9,42 @@ from transfer import metrics
 
 
 def plot_run(workdir: str, keys: Sequence[str] | None = None, out_name: str = "curves.png") -> str:
-  """One panel per metric (train and eval curves), saved as WORKDIR/curves.png; returns the path."""
-  import matplotlib
+    """One panel per metric (train and eval curves), saved as WORKDIR/curves.png; returns the path."""
+    import matplotlib
 
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-  rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-  if keys is None:
-    keys = sorted({k for r in rows for k in r if "/" in k and not k.startswith("input/")
-                   and not k.endswith("seconds")})
-  fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-  for ax, key in zip(axes[0], keys, strict=True):
-    points = [(r["step"], r[key]) for r in rows if key in r]
-    if points:
-      xs, ys = zip(*points, strict=True)
-      ax.plot(xs, ys, marker="o" if len(points) < 20 else None)
-    ax.set_title(key)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-  fig.tight_layout()
-  path = os.path.join(workdir, out_name)
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    if keys is None:
+        keys = sorted(
+            {
+                k
+                for r in rows
+                for k in r
+                if "/" in k and not k.startswith("input/") and not k.endswith("seconds")
+            }
+        )
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
+    for ax, key in zip(axes[0], keys, strict=True):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o" if len(points) < 20 else None)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(workdir, out_name)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
-  def fmt(v):
-    return f"{v:.4f}" if isinstance(v, float) else str(v)
+    def fmt(v):
+        return f"{v:.4f}" if isinstance(v, float) else str(v)
 
-  lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-  lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-  return "\n".join(lines)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)

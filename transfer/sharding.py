@@ -20,141 +20,161 @@ from transfer import tree
 
 
 def maybe_initialize_distributed() -> None:
-  """Joins a multi-process run when the environment describes one (pods, SLURM); no-op otherwise."""
-  if jax.distributed.is_initialized():
-    return
-  try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError):
-    pass  # Single process: nothing to join.
+    """Joins a multi-process run when the environment describes one (pods, SLURM); no-op otherwise."""
+    if jax.distributed.is_initialized():
+        return
+    try:
+        jax.distributed.initialize()
+    except (ValueError, RuntimeError):
+        pass  # Single process: nothing to join.
 
 
 def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None = None) -> Mesh:
-  """`[("data", -1)]` or `[("data", 2), ("fsdp", -1)]`: -1 takes the remaining devices."""
-  devices = list(devices if devices is not None else jax.devices())
-  names = [str(n) for n, _ in mesh_cfg]
-  sizes = [int(s) for _, s in mesh_cfg]
-  if len(set(names)) != len(names):
-    raise ValueError(f"config.mesh has repeated axis names: {names}.")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh = {list(mesh_cfg)}: at most one axis may be -1.")
-  known = math.prod(s for s in sizes if s != -1)
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"config.mesh = {list(mesh_cfg)}: {len(devices)} devices are not divisible "
-                       f"by the fixed axes' product {known}.")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
-    raise ValueError(f"config.mesh = {list(mesh_cfg)} needs {math.prod(sizes)} devices, but "
-                     f"there are {len(devices)}. Use -1 for one axis to take the rest.")
-  try:
-    grid = mesh_utils.create_device_mesh(sizes, devices)
-  except (AssertionError, ValueError, NotImplementedError):
-    grid = np.asarray(devices).reshape(sizes)
-  return Mesh(grid, names)
+    """`[("data", -1)]` or `[("data", 2), ("fsdp", -1)]`: -1 takes the remaining devices."""
+    devices = list(devices if devices is not None else jax.devices())
+    names = [str(n) for n, _ in mesh_cfg]
+    sizes = [int(s) for _, s in mesh_cfg]
+    if len(set(names)) != len(names):
+        raise ValueError(f"config.mesh has repeated axis names: {names}.")
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh = {list(mesh_cfg)}: at most one axis may be -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if len(devices) % known:
+            raise ValueError(
+                f"config.mesh = {list(mesh_cfg)}: {len(devices)} devices are not divisible "
+                f"by the fixed axes' product {known}."
+            )
+        sizes[sizes.index(-1)] = len(devices) // known
+    if math.prod(sizes) != len(devices):
+        raise ValueError(
+            f"config.mesh = {list(mesh_cfg)} needs {math.prod(sizes)} devices, but "
+            f"there are {len(devices)}. Use -1 for one axis to take the rest."
+        )
+    try:
+        grid = mesh_utils.create_device_mesh(sizes, devices)
+    except (AssertionError, ValueError, NotImplementedError):
+        grid = np.asarray(devices).reshape(sizes)
+    return Mesh(grid, names)
 
 
 def batch_axes(mesh: Mesh, config_axes: Sequence[str] | None = None) -> tuple[str, ...]:
-  axes = tuple(config_axes) if config_axes else tuple(mesh.axis_names)
-  for a in axes:
-    if a not in mesh.axis_names:
-      raise ValueError(f"config.batch_axes names '{a}', not an axis of the mesh {mesh.axis_names}.")
-  return axes
+    axes = tuple(config_axes) if config_axes else tuple(mesh.axis_names)
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise ValueError(
+                f"config.batch_axes names '{a}', not an axis of the mesh {mesh.axis_names}."
+            )
+    return axes
 
 
 def batch_sharding(mesh: Mesh, axes: Sequence[str]) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec(tuple(axes)))
+    return NamedSharding(mesh, PartitionSpec(tuple(axes)))
 
 
 def check_batch_size(global_batch: int, mesh: Mesh, axes: Sequence[str], what: str) -> None:
-  shards = math.prod(mesh.shape[a] for a in axes)
-  if global_batch % shards:
-    raise ValueError(f"{what} = {global_batch} is not divisible by the {shards} batch shards "
-                     f"(mesh axes {tuple(axes)} of {dict(mesh.shape)}); use a multiple of {shards}.")
-  if global_batch % jax.process_count():
-    raise ValueError(f"{what} = {global_batch} is not divisible by {jax.process_count()} hosts.")
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if global_batch % shards:
+        raise ValueError(
+            f"{what} = {global_batch} is not divisible by the {shards} batch shards "
+            f"(mesh axes {tuple(axes)} of {dict(mesh.shape)}); use a multiple of {shards}."
+        )
+    if global_batch % jax.process_count():
+        raise ValueError(
+            f"{what} = {global_batch} is not divisible by {jax.process_count()} hosts."
+        )
 
 
-def fsdp_spec(shape: Sequence[int], mesh: Mesh, fsdp_axes: Sequence[str],
-              min_size: int) -> PartitionSpec:
-  """Shards the largest dimension divisible by the FSDP axes' size; small arrays stay replicated."""
-  axes = tuple(a for a in fsdp_axes if a in mesh.axis_names and mesh.shape[a] > 1)
-  n = math.prod(mesh.shape[a] for a in axes)
-  if not axes or math.prod(shape) < min_size:
+def fsdp_spec(
+    shape: Sequence[int], mesh: Mesh, fsdp_axes: Sequence[str], min_size: int
+) -> PartitionSpec:
+    """Shards the largest dimension divisible by the FSDP axes' size; small arrays stay replicated."""
+    axes = tuple(a for a in fsdp_axes if a in mesh.axis_names and mesh.shape[a] > 1)
+    n = math.prod(mesh.shape[a] for a in axes)
+    if not axes or math.prod(shape) < min_size:
+        return PartitionSpec()
+    for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
+        if shape[dim] % n == 0:
+            spec: list[Any] = [None] * len(shape)
+            spec[dim] = axes if len(axes) > 1 else axes[0]
+            return PartitionSpec(*spec)
     return PartitionSpec()
-  for dim in sorted(range(len(shape)), key=lambda d: -shape[d]):
-    if shape[dim] % n == 0:
-      spec: list[Any] = [None] * len(shape)
-      spec[dim] = axes if len(axes) > 1 else axes[0]
-      return PartitionSpec(*spec)
-  return PartitionSpec()
 
 
 def _explicit_spec(value: Any, shape: Sequence[int], mesh: Mesh, path: str) -> PartitionSpec:
-  spec = PartitionSpec(*value)
-  if len(spec) > len(shape):
-    raise ValueError(f"Sharding rule {value!r} has more dims than '{path}' of shape {tuple(shape)}.")
-  for dim, axis in zip(shape, spec, strict=False):
-    axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
-    size = math.prod(mesh.shape[a] for a in axes)
-    if dim % size:
-      raise ValueError(f"Sharding rule {value!r} for '{path}': dim {dim} is not divisible by {size}.")
-  return spec
+    spec = PartitionSpec(*value)
+    if len(spec) > len(shape):
+        raise ValueError(
+            f"Sharding rule {value!r} has more dims than '{path}' of shape {tuple(shape)}."
+        )
+    for dim, axis in zip(shape, spec, strict=False):
+        axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+        size = math.prod(mesh.shape[a] for a in axes)
+        if dim % size:
+            raise ValueError(
+                f"Sharding rule {value!r} for '{path}': dim {dim} is not divisible by {size}."
+            )
+    return spec
 
 
 def spec_for(path: str, shape: Sequence[int], mesh: Mesh, config: Any) -> PartitionSpec:
-  rules = tree.check_rules(config.sharding_strategy, "sharding_strategy")
-  strategy = tree.first_match(path, rules, default="fsdp")
-  if strategy == "fsdp":
-    return fsdp_spec(shape, mesh, config.fsdp_axes, int(config.fsdp_min_size))
-  if strategy in ("replicate", None):
-    return PartitionSpec()
-  if isinstance(strategy, (list, tuple)):
-    return _explicit_spec(strategy, shape, mesh, path)
-  raise ValueError(f"Unknown sharding strategy {strategy!r} for '{path}': use 'fsdp', "
-                   "'replicate' or a tuple partition spec such as (None, 'fsdp').")
+    rules = tree.check_rules(config.sharding_strategy, "sharding_strategy")
+    strategy = tree.first_match(path, rules, default="fsdp")
+    if strategy == "fsdp":
+        return fsdp_spec(shape, mesh, config.fsdp_axes, int(config.fsdp_min_size))
+    if strategy in ("replicate", None):
+        return PartitionSpec()
+    if isinstance(strategy, (list, tuple)):
+        return _explicit_spec(strategy, shape, mesh, path)
+    raise ValueError(
+        f"Unknown sharding strategy {strategy!r} for '{path}': use 'fsdp', "
+        "'replicate' or a tuple partition spec such as (None, 'fsdp')."
+    )
 
 
 def _keystr(path: tuple) -> str:
-  return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
+    return "/".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)
 
 
 def tree_shardings(abstract: Any, mesh: Mesh, config: Any) -> Any:
-  """NamedShardings for a tree of ShapeDtypeStructs (params, optimizer state, ...).
+    """NamedShardings for a tree of ShapeDtypeStructs (params, optimizer state, ...).
 
-  A leaf of the optimizer state (`opt/0/mu/img/...`) follows the rule of the parameter path it ends with, so moments
-  are sharded like their parameters.
-  """
-  def one(path, leaf):
-    key = _keystr(path)
-    shape = getattr(leaf, "shape", ())
-    parts = key.split("/")
-    # Use the longest suffix that some rule other than the catch-all matches, else the full path.
-    candidates = ["/".join(parts[i:]) for i in range(len(parts))]
-    chosen = next((c for c in candidates if _specific_rule(c, config)), key)
-    return NamedSharding(mesh, spec_for(chosen, shape, mesh, config))
+    A leaf of the optimizer state (`opt/0/mu/img/...`) follows the rule of the parameter path it ends with, so moments
+    are sharded like their parameters.
+    """
 
-  return jax.tree_util.tree_map_with_path(one, abstract)
+    def one(path, leaf):
+        key = _keystr(path)
+        shape = getattr(leaf, "shape", ())
+        parts = key.split("/")
+        # Use the longest suffix that some rule other than the catch-all matches, else the full path.
+        candidates = ["/".join(parts[i:]) for i in range(len(parts))]
+        chosen = next((c for c in candidates if _specific_rule(c, config)), key)
+        return NamedSharding(mesh, spec_for(chosen, shape, mesh, config))
+
+    return jax.tree_util.tree_map_with_path(one, abstract)
 
 
 def _specific_rule(path: str, config: Any) -> bool:
-  for pattern, _ in tree.check_rules(config.sharding_strategy, "sharding_strategy"):
-    if pattern not in (".*", ".+") and re.fullmatch(pattern, path):
-      return True
-  return False
+    for pattern, _ in tree.check_rules(config.sharding_strategy, "sharding_strategy"):
+        if pattern not in (".*", ".+") and re.fullmatch(pattern, path):
+            return True
+    return False
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, PartitionSpec())
+    return NamedSharding(mesh, PartitionSpec())
 
 
 def describe(shardings: Mapping) -> dict[str, str]:
-  """path -> partition spec string, for logging which params are sharded how."""
-  flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
-  return {_keystr(p): str(s.spec) for p, s in flat}
+    """path -> partition spec string, for logging which params are sharded how."""
+    flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
+    return {_keystr(p): str(s.spec) for p, s in flat}
 
 
 def put_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) -> dict:
-  """This host's numpy batch -> global jax arrays split over the batch axes of the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in local_batch.items()}
+    """This host's numpy batch -> global jax arrays split over the batch axes of the mesh."""
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        for k, v in local_batch.items()
+    }

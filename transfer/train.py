@@ -18,297 +18,382 @@ import ml_collections
 import numpy as np
 import optax
 
-from transfer import checkpoint, evaluators, input_pipeline, metrics, optim, registry, sharding
+from transfer import (
+    checkpoint,
+    evaluators,
+    input_pipeline,
+    metrics,
+    optim,
+    registry,
+    sharding,
+    tree,
+)
 from transfer import config as config_lib
-from transfer import tree
 
 
 class NonFiniteLossError(FloatingPointError):
-  """The loss became NaN/inf: the message names the step and the last good checkpoint."""
+    """The loss became NaN/inf: the message names the step and the last good checkpoint."""
 
 
 class RunResult(NamedTuple):
-  metrics: dict  # The last row written to metrics.jsonl.
-  params: Any  # Final parameters (trainable and frozen merged), sharded.
+    metrics: dict  # The last row written to metrics.jsonl.
+    params: Any  # Final parameters (trainable and frozen merged), sharded.
 
 
 class Preempted(Exception):
-  """SIGTERM (or a pod preemption notice) arrived: a checkpoint was saved; rerun to resume."""
+    """SIGTERM (or a pod preemption notice) arrived: a checkpoint was saved; rerun to resume."""
 
 
 def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, Any]:
-  """Resolves the task, fills defaults, and rejects unknown keys and impossible values early."""
-  task_module = registry.import_task(config.get("task", ""))
-  config = config_lib.merge_with_defaults(config, getattr(task_module, "DEFAULTS", None))
-  checks = [
-      (config.total_steps > 0, "config.total_steps must be > 0"),
-      (config.input.batch_size > 0, "config.input.batch_size must be > 0"),
-      (config.accum_steps >= 1, "config.accum_steps must be >= 1"),
-      (config.input.batch_size % config.accum_steps == 0,
-       f"config.input.batch_size={config.input.batch_size} is not divisible by "
-       f"config.accum_steps={config.accum_steps}"),
-      (config.log_training_steps > 0, "config.log_training_steps must be > 0"),
-      (config.ckpt_steps > 0, "config.ckpt_steps must be > 0"),
-      (config.lr >= 0 and (config.wd or 0) >= 0, "config.lr and config.wd must be >= 0"),
-  ]
-  for ok, message in checks:
-    if not ok:
-      raise config_lib.ConfigError(message + ".")
-  return config, task_module
+    """Resolves the task, fills defaults, and rejects unknown keys and impossible values early."""
+    task_module = registry.import_task(config.get("task", ""))
+    config = config_lib.merge_with_defaults(config, getattr(task_module, "DEFAULTS", None))
+    checks = [
+        (config.total_steps > 0, "config.total_steps must be > 0"),
+        (config.input.batch_size > 0, "config.input.batch_size must be > 0"),
+        (config.accum_steps >= 1, "config.accum_steps must be >= 1"),
+        (
+            config.input.batch_size % config.accum_steps == 0,
+            f"config.input.batch_size={config.input.batch_size} is not divisible by "
+            f"config.accum_steps={config.accum_steps}",
+        ),
+        (config.log_training_steps > 0, "config.log_training_steps must be > 0"),
+        (config.ckpt_steps > 0, "config.ckpt_steps must be > 0"),
+        (config.lr >= 0 and (config.wd or 0) >= 0, "config.lr and config.wd must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise config_lib.ConfigError(message + ".")
+    return config, task_module
 
 
 def _keydata(seed: int) -> jax.Array:
-  return jax.random.key_data(jax.random.key(seed))
+    return jax.random.key_data(jax.random.key(seed))
 
 
-def make_train_step(task: Any, tx: optax.GradientTransformation, accum_steps: int,
-                    batch_sharding: jax.sharding.NamedSharding):
-  """The step: gradients of the TRAINABLE params only (frozen ones cost a forward pass)."""
+def make_train_step(
+    task: Any,
+    tx: optax.GradientTransformation,
+    accum_steps: int,
+    batch_sharding: jax.sharding.NamedSharding,
+):
+    """The step: gradients of the TRAINABLE params only (frozen ones cost a forward pass)."""
 
-  def loss_and_grad(trainable, frozen, batch, rng):
-    def loss_of(p):
-      return task.loss_fn(tree.merge(p, frozen), batch, rng)
-    return jax.value_and_grad(loss_of, has_aux=True)(trainable)
+    def loss_and_grad(trainable, frozen, batch, rng):
+        def loss_of(p):
+            return task.loss_fn(tree.merge(p, frozen), batch, rng)
 
-  def accumulate(trainable, frozen, batch, rng):
-    """Micro-batch i takes examples i, i+A, i+2A, ...: each stays evenly spread over devices."""
-    def split(x):
-      x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
-      return jnp.swapaxes(x, 0, 1)
-    micro = jax.tree.map(split, batch)
+        return jax.value_and_grad(loss_of, has_aux=True)(trainable)
 
-    def body(carry, inputs):
-      i, mb = inputs
-      mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: batch_sharding, mb))
-      (loss, aux), grads = loss_and_grad(trainable, frozen, mb, jax.random.fold_in(rng, i))
-      return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+    def accumulate(trainable, frozen, batch, rng):
+        """Micro-batch i takes examples i, i+A, i+2A, ...: each stays evenly spread over devices."""
 
-    zeros = jax.eval_shape(loss_and_grad, trainable, frozen, jax.tree.map(lambda x: x[0], micro),
-                           rng)
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1],
-                                                                   zeros[1]))
-    total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
-    loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, total)
-    return (loss, aux), grads
+        def split(x):
+            x = x.reshape(x.shape[0] // accum_steps, accum_steps, *x.shape[1:])
+            return jnp.swapaxes(x, 0, 1)
 
-  def step_fn(state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    grad_fn = loss_and_grad if accum_steps == 1 else accumulate
-    (loss, aux), grads = grad_fn(state["params"], state["frozen"], batch, rng)
-    updates, opt = tx.update(grads, state["opt"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    bad = (state["first_bad"] < 0) & ~jnp.isfinite(loss)
-    new_state = dict(state, params=params, opt=opt, step=state["step"] + 1,
-                     first_bad=jnp.where(bad, state["step"] + 1, state["first_bad"]))
-    out = {"train/loss": loss, "train/grad_norm": optax.tree.norm(grads),
-           "train/param_norm": optax.tree.norm(params)}
-    out.update({f"train/{k}": v for k, v in aux.items()})
-    return new_state, out
+        micro = jax.tree.map(split, batch)
 
-  return step_fn
+        def body(carry, inputs):
+            i, mb = inputs
+            mb = jax.lax.with_sharding_constraint(mb, jax.tree.map(lambda _: batch_sharding, mb))
+            (loss, aux), grads = loss_and_grad(trainable, frozen, mb, jax.random.fold_in(rng, i))
+            return jax.tree.map(jnp.add, carry, (loss, aux, grads)), None
+
+        zeros = jax.eval_shape(
+            loss_and_grad, trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng
+        )
+        zeros = jax.tree.map(
+            lambda s: jnp.zeros(s.shape, s.dtype), (zeros[0][0], zeros[0][1], zeros[1])
+        )
+        total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum_steps), micro))
+        loss, aux, grads = jax.tree.map(lambda x: x / accum_steps, total)
+        return (loss, aux), grads
+
+    def step_fn(state, batch):
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        grad_fn = loss_and_grad if accum_steps == 1 else accumulate
+        (loss, aux), grads = grad_fn(state["params"], state["frozen"], batch, rng)
+        updates, opt = tx.update(grads, state["opt"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        bad = (state["first_bad"] < 0) & ~jnp.isfinite(loss)
+        new_state = dict(
+            state,
+            params=params,
+            opt=opt,
+            step=state["step"] + 1,
+            first_bad=jnp.where(bad, state["step"] + 1, state["first_bad"]),
+        )
+        out = {
+            "train/loss": loss,
+            "train/grad_norm": optax.tree.norm(grads),
+            "train/param_norm": optax.tree.norm(params),
+        }
+        out.update({f"train/{k}": v for k, v in aux.items()})
+        return new_state, out
+
+    return step_fn
 
 
 class _StopFlag:
-  """Set by SIGTERM; the loop checks it after each step."""
+    """Set by SIGTERM; the loop checks it after each step."""
 
-  def __init__(self):
-    self.set = False
-    self._previous = None
+    def __init__(self):
+        self.set = False
+        self._previous = None
 
-  def install(self) -> None:
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread (e.g. inside some test runners): no handler.
-      self._previous = None
+    def install(self) -> None:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # Not the main thread (e.g. inside some test runners): no handler.
+            self._previous = None
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.set = True
+    def _handle(self, signum, frame):
+        del signum, frame
+        self.set = True
 
-  def uninstall(self) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _abstract(tree_like: Any, shardings: Any) -> Any:
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree_like, shardings)
+    return jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree_like, shardings
+    )
 
 
-def train(config: ml_collections.ConfigDict, workdir: str,
-          devices: list | None = None) -> RunResult:
-  """Runs (or resumes) a training run in `workdir`.
+def train(
+    config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
+) -> RunResult:
+    """Runs (or resumes) a training run in `workdir`.
 
-  `devices` restricts the mesh to some local devices (tests compare 1 vs 8 devices); None = all.
-  """
-  sharding.maybe_initialize_distributed()
-  config, task_module = prepare_config(config)
-  if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config_lib.to_json(config))
+    `devices` restricts the mesh to some local devices (tests compare 1 vs 8 devices); None = all.
+    """
+    sharding.maybe_initialize_distributed()
+    config, task_module = prepare_config(config)
+    if jax.process_index() == 0:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config_lib.to_json(config))
 
-  # Mesh and batch sharding.
-  mesh = sharding.make_mesh(config.mesh, devices)
-  axes = sharding.batch_axes(mesh, config.batch_axes)
-  batch_shard = sharding.batch_sharding(mesh, axes)
-  sharding.check_batch_size(config.input.batch_size, mesh, axes, "config.input.batch_size")
-  sharding.check_batch_size(config.input.batch_size // config.accum_steps, mesh, axes,
-                            "config.input.batch_size / config.accum_steps")
+    # Mesh and batch sharding.
+    mesh = sharding.make_mesh(config.mesh, devices)
+    axes = sharding.batch_axes(mesh, config.batch_axes)
+    batch_shard = sharding.batch_sharding(mesh, axes)
+    sharding.check_batch_size(config.input.batch_size, mesh, axes, "config.input.batch_size")
+    sharding.check_batch_size(
+        config.input.batch_size // config.accum_steps,
+        mesh,
+        axes,
+        "config.input.batch_size / config.accum_steps",
+    )
 
-  # Checkpoints and the input position they hold.
-  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
-  resume_step = mngr.latest_step()
-  start_position = 0
-  if resume_step is not None:
-    positions = mngr.restore(resume_step, args=checkpoint.ocp.args.Composite(
-        input=checkpoint.ocp.args.JsonRestore()))["input"]["positions"]
-    if len(positions) != jax.process_count():
-      raise ValueError(f"The checkpoint at step {resume_step} was written by {len(positions)} "
-                       f"hosts, this run has {jax.process_count()}: resume with the same topology.")
-    start_position = positions[jax.process_index()]
-  data_iter = input_pipeline.TrainIterator(config.input, seed=config.seed,
-                                           start_position=start_position)
-  first_batch = next(data_iter)
+    # Checkpoints and the input position they hold.
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), keep=config.keep_ckpts)
+    resume_step = mngr.latest_step()
+    start_position, start_skipped = 0, 0
+    if resume_step is not None:
+        saved = mngr.restore(
+            resume_step, args=checkpoint.ocp.args.Composite(input=checkpoint.ocp.args.JsonRestore())
+        )["input"]
+        if len(saved["positions"]) != jax.process_count():
+            raise ValueError(
+                f"The checkpoint at step {resume_step} was written by "
+                f"{len(saved['positions'])} hosts, this run has {jax.process_count()}: "
+                "resume with the same number of hosts."
+            )
+        start_position = saved["positions"][jax.process_index()]
+        start_skipped = saved.get("skipped", [0] * jax.process_count())[jax.process_index()]
+    data_iter = input_pipeline.TrainIterator(
+        config.input, seed=config.seed, start_position=start_position, start_skipped=start_skipped
+    )
+    first_batch = next(data_iter)
 
-  # The task, the parameter rules and the optimizer.
-  task = task_module.Task(config)
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  abstract_params = jax.eval_shape(task.init_params, init_rng, first_batch)
-  rules = optim.resolve_rules(abstract_params, config)
-  tx = optim.make_optimizer(config, rules)
-  abs_train, abs_frozen = tree.partition(abstract_params, rules.is_trainable)
-  if not abs_train:
-    raise config_lib.ConfigError("config.schedule freezes every parameter: nothing to train.")
-  param_sh = sharding.tree_shardings(abstract_params, mesh, config)
-  train_sh, frozen_sh = tree.partition(param_sh, rules.is_trainable)
-  abs_opt = jax.eval_shape(tx.init, abs_train)
-  opt_sh = sharding.tree_shardings(abs_opt, mesh, config)
-  repl = sharding.replicated(mesh)
-  scalar_sh = {"step": repl, "rng": repl, "first_bad": repl}
+    # The task, the parameter rules and the optimizer.
+    task = task_module.Task(config)
+    init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+    abstract_params = jax.eval_shape(task.init_params, init_rng, first_batch)
+    rules = optim.resolve_rules(abstract_params, config)
+    tx = optim.make_optimizer(config, rules)
+    abs_train, abs_frozen = tree.partition(abstract_params, rules.is_trainable)
+    if not abs_train:
+        raise config_lib.ConfigError("config.schedule freezes every parameter: nothing to train.")
+    param_sh = sharding.tree_shardings(abstract_params, mesh, config)
+    train_sh, frozen_sh = tree.partition(param_sh, rules.is_trainable)
+    abs_opt = jax.eval_shape(tx.init, abs_train)
+    opt_sh = sharding.tree_shardings(abs_opt, mesh, config)
+    repl = sharding.replicated(mesh)
+    scalar_sh = {"step": repl, "rng": repl, "first_bad": repl}
 
-  # State: restored, or initialised directly in its sharding (never materialised on one device).
-  if resume_step is not None:
-    checkpoint.check_compatible(mngr, resume_step, abstract_params, workdir)
-    abs_train_item = {"opt": _abstract(abs_opt, opt_sh),
-                      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
-                      "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
-                      "first_bad": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl)}
-    params, train_item, _ = checkpoint.restore(
-        mngr, resume_step, _abstract(abstract_params, param_sh), abs_train_item)
-    metrics.log(f"Resumed from step {resume_step} in {workdir}.")
-  else:
-    params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
-    if config.model_init:
-      params, report = checkpoint.load_params(config.model_init, params, param_sh,
-                                              config.model_load)
-      metrics.log(f"model_init: {report}")
-    trainable = tree.partition(params, rules.is_trainable)[0]
-    train_item = {"opt": jax.jit(tx.init, out_shardings=opt_sh)(trainable),
-                  "step": jax.device_put(jnp.int32(0), repl),
-                  "rng": jax.device_put(jax.random.key_data(train_rng), repl),
-                  "first_bad": jax.device_put(jnp.int32(-1), repl)}
-  trainable, frozen = tree.partition(params, rules.is_trainable)
-  state = {"params": trainable, "frozen": frozen, **train_item}
-  del params, train_item
-  state_sh = {"params": train_sh, "frozen": frozen_sh, "opt": opt_sh, **scalar_sh}
+    # State: restored, or initialised directly in its sharding (never materialised on one device).
+    if resume_step is not None:
+        checkpoint.check_compatible(mngr, resume_step, abstract_params, workdir)
+        abs_train_item = {
+            "opt": _abstract(abs_opt, opt_sh),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=repl),
+            "first_bad": jax.ShapeDtypeStruct((), jnp.int32, sharding=repl),
+        }
+        params, train_item, _ = checkpoint.restore(
+            mngr, resume_step, _abstract(abstract_params, param_sh), abs_train_item
+        )
+        metrics.log(f"Resumed from step {resume_step} in {workdir}.")
+    else:
+        params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
+        if config.model_init:
+            params, report = checkpoint.load_params(
+                config.model_init, params, param_sh, config.model_load
+            )
+            metrics.log(f"model_init: {report}")
+        trainable = tree.partition(params, rules.is_trainable)[0]
+        train_item = {
+            "opt": jax.jit(tx.init, out_shardings=opt_sh)(trainable),
+            "step": jax.device_put(jnp.int32(0), repl),
+            "rng": jax.device_put(jax.random.key_data(train_rng), repl),
+            "first_bad": jax.device_put(jnp.int32(-1), repl),
+        }
+    trainable, frozen = tree.partition(params, rules.is_trainable)
+    state = {"params": trainable, "frozen": frozen, **train_item}
+    del params, train_item
+    state_sh = {"params": train_sh, "frozen": frozen_sh, "opt": opt_sh, **scalar_sh}
 
-  step_fn = jax.jit(make_train_step(task, tx, config.accum_steps, batch_shard),
-                    in_shardings=(state_sh, batch_shard), out_shardings=(state_sh, repl),
-                    donate_argnums=(0,))
-  evals = evaluators.build(config, task=task, mesh=mesh, batch_sharding=batch_shard,
-                           param_shardings=param_sh)
-  return _loop(config, workdir, task, state, step_fn, data_iter, first_batch, batch_shard,
-               mngr, resume_step or 0, evals, rules)
+    step_fn = jax.jit(
+        make_train_step(task, tx, config.accum_steps, batch_shard),
+        in_shardings=(state_sh, batch_shard),
+        out_shardings=(state_sh, repl),
+        donate_argnums=(0,),
+    )
+    evals = evaluators.build(
+        config, task=task, mesh=mesh, batch_sharding=batch_shard, param_shardings=param_sh
+    )
+    return _loop(
+        config,
+        workdir,
+        task,
+        state,
+        step_fn,
+        data_iter,
+        first_batch,
+        batch_shard,
+        mngr,
+        resume_step or 0,
+        evals,
+        rules,
+    )
 
 
 def _run_evals(evals: dict, state: dict, step: int, total: int) -> dict:
-  out = {}
-  for name, (evaluator, every) in evals.items():
-    if step == total or (every and step % every == 0):
-      t0 = time.perf_counter()
-      results = evaluator.run(tree.merge(state["params"], state["frozen"]))
-      out.update({f"{name}/{k}": v for k, v in results.items()})
-      out[f"{name}/seconds"] = time.perf_counter() - t0
-  return out
+    out = {}
+    for name, (evaluator, every) in evals.items():
+        if step == total or (every and step % every == 0):
+            t0 = time.perf_counter()
+            results = evaluator.run(tree.merge(state["params"], state["frozen"]))
+            out.update({f"{name}/{k}": v for k, v in results.items()})
+            out[f"{name}/seconds"] = time.perf_counter() - t0
+    return out
 
 
 def _check_finite(state: dict, mngr: Any, workdir: str) -> None:
-  first_bad = int(jax.device_get(state["first_bad"]))
-  if first_bad >= 0:
-    mngr.wait_until_finished()
-    last = mngr.latest_step()
-    where = (f"the last good checkpoint is step {last} in {workdir}/checkpoints"
-             if last is not None else "no checkpoint was written before it")
-    raise NonFiniteLossError(
-        f"The training loss became NaN/inf at step {first_bad}; stopped, {where}. Lower config.lr, "
-        "set config.grad_clip_norm, or check the input data; rerunning resumes from that checkpoint.")
+    first_bad = int(jax.device_get(state["first_bad"]))
+    if first_bad >= 0:
+        mngr.wait_until_finished()
+        last = mngr.latest_step()
+        where = (
+            f"the last good checkpoint is step {last} in {workdir}/checkpoints"
+            if last is not None
+            else "no checkpoint was written before it"
+        )
+        raise NonFiniteLossError(
+            f"The training loss became NaN/inf at step {first_bad}; stopped, {where}. Lower config.lr, "
+            "set config.grad_clip_norm, or check the input data; rerunning resumes from that checkpoint."
+        )
 
 
 def _save(mngr: Any, step: int, state: dict, data_iter: Any) -> None:
-  positions = checkpoint.host_positions(data_iter.position)
-  train_item = {k: state[k] for k in ("opt", "step", "rng", "first_bad")}
-  checkpoint.save(mngr, step, tree.merge(state["params"], state["frozen"]), train_item,
-                  {"positions": positions, "step": step})
+    positions = checkpoint.gather_ints(data_iter.position)
+    skipped = checkpoint.gather_ints(data_iter.stats()["input/skipped"])
+    train_item = {k: state[k] for k in ("opt", "step", "rng", "first_bad")}
+    checkpoint.save(
+        mngr,
+        step,
+        tree.merge(state["params"], state["frozen"]),
+        train_item,
+        {"positions": positions, "skipped": skipped, "step": step},
+    )
 
 
-def _loop(config, workdir, task, state, step_fn, data_iter, first_batch, batch_shard, mngr,
-          start_step, evals, rules) -> RunResult:
-  del task
-  total = config.total_steps
-  writer = metrics.MetricsWriter(workdir, resume_step=start_step)
-  progress = metrics.Progress(total, config.input.batch_size, start_step)
-  stop = _StopFlag()
-  stop.install()
-  pending, last_row, input_wait = [], {}, 0.0
-  step, batch = start_step, first_batch
-  window_start = time.perf_counter()
-  try:
-    while step < total:
-      if batch is None:
-        t0 = time.perf_counter()
-        batch = next(data_iter)
-        input_wait += time.perf_counter() - t0
-      state, step_metrics = step_fn(state, sharding.put_batch(batch, batch_shard))
-      batch = None
-      step += 1
-      pending.append(step_metrics)
-      if step == start_step + 1:
-        jax.block_until_ready(step_metrics)
-        progress.reset(step)  # Compile time is not speed.
-        window_start, input_wait = time.perf_counter(), 0.0
-      if stop.set or mngr.reached_preemption(step):
-        _check_finite(state, mngr, workdir)
-        _save(mngr, step, state, data_iter)
+def _loop(
+    config,
+    workdir,
+    task,
+    state,
+    step_fn,
+    data_iter,
+    first_batch,
+    batch_shard,
+    mngr,
+    start_step,
+    evals,
+    rules,
+) -> RunResult:
+    del task
+    total = config.total_steps
+    writer = metrics.MetricsWriter(workdir, resume_step=start_step)
+    progress = metrics.Progress(total, config.input.batch_size, start_step)
+    stop = _StopFlag()
+    stop.install()
+    pending, last_row, input_wait = [], {}, 0.0
+    step, batch = start_step, first_batch
+    window_start = time.perf_counter()
+    try:
+        while step < total:
+            if batch is None:
+                t0 = time.perf_counter()
+                batch = next(data_iter)
+                input_wait += time.perf_counter() - t0
+            state, step_metrics = step_fn(state, sharding.put_batch(batch, batch_shard))
+            batch = None
+            step += 1
+            pending.append(step_metrics)
+            if step == start_step + 1:
+                jax.block_until_ready(step_metrics)
+                progress.reset(step)  # Compile time is not speed.
+                window_start, input_wait = time.perf_counter(), 0.0
+            # Preemption: log and save at this step, then exit; rerunning resumes exactly here.
+            stopping = stop.set or mngr.reached_preemption(step)
+            is_log = step % config.log_training_steps == 0 or step == total or stopping
+            row: dict[str, Any] = {}
+            speed: dict[str, float] = {}
+            if is_log and pending:
+                fetched = jax.device_get(pending)
+                row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                pending = []
+                speed = progress.measure(step)
+                elapsed = max(time.perf_counter() - window_start, 1e-9)
+                row.update(speed)
+                row["input_wait_frac"] = input_wait / elapsed
+                window_start, input_wait = time.perf_counter(), 0.0
+                row["lr"] = optim.lr_at(config, rules, step - 1)
+                row.update(data_iter.stats())
+                _check_finite(state, mngr, workdir)
+            row.update(_run_evals(evals, state, step, total))
+            if row:
+                last_row = writer.write(step, row)
+                if is_log:
+                    metrics.log(progress.line(step, speed, row))
+            if step % config.ckpt_steps == 0 or step == total or stopping:
+                _check_finite(state, mngr, workdir)
+                _save(mngr, step, state, data_iter)
+            if stopping and step < total:
+                mngr.wait_until_finished()
+                raise Preempted(
+                    f"Stopped by SIGTERM at step {step}; checkpoint saved in {workdir}. "
+                    "Run the same command again to resume."
+                )
         mngr.wait_until_finished()
-        raise Preempted(f"Stopped by SIGTERM at step {step}; checkpoint saved in {workdir}. "
-                        "Run the same command again to resume.")
-      is_log = step % config.log_training_steps == 0 or step == total
-      row: dict[str, Any] = {}
-      speed: dict[str, float] = {}
-      if is_log and pending:
-        fetched = jax.device_get(pending)
-        row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        pending = []
-        speed = progress.measure(step)
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
-        row.update(speed)
-        row["input_wait_frac"] = input_wait / elapsed
-        window_start, input_wait = time.perf_counter(), 0.0
-        row["lr"] = optim.lr_at(config, rules, step - 1)
-        row.update(data_iter.stats())
-        _check_finite(state, mngr, workdir)
-      row.update(_run_evals(evals, state, step, total))
-      if row:
-        last_row = writer.write(step, row)
-        if is_log:
-          metrics.log(progress.line(step, speed, row))
-      if step % config.ckpt_steps == 0 or step == total:
-        _check_finite(state, mngr, workdir)
-        _save(mngr, step, state, data_iter)
-    mngr.wait_until_finished()
-  finally:
-    stop.uninstall()
-    writer.close()
-    mngr.close()
-  return RunResult(last_row, tree.merge(state["params"], state["frozen"]))
+    finally:
+        stop.uninstall()
+        writer.close()
+        mngr.close()
+    return RunResult(last_row, tree.merge(state["params"], state["frozen"]))

@@ -1,0 +1,173 @@
+"""Preemption and failure: SIGKILL/SIGTERM and resume, non-finite loss, atomic checkpoints, mismatches."""
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from transfer import checkpoint, metrics, train, tree
+from transfer.config import apply_overrides
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "tests", "tiny_config.py")
+LONG = {"total_steps": 80, "ckpt_steps": 20, "evals": {}}
+
+
+def _cli(workdir, data_dir, **overrides):
+    args = [
+        sys.executable,
+        "-m",
+        "transfer.cli",
+        "train",
+        "--config",
+        TINY,
+        "--workdir",
+        workdir,
+        f"--config.input.data.data_dir={data_dir}",
+    ]
+    args += [f"--config.{k}={v!r}" for k, v in {**LONG, **overrides}.items()]
+    return args
+
+
+def _steps(workdir):
+    path = os.path.join(workdir, "checkpoints")
+    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
+
+
+def _start_and_wait(workdir, data_dir, until_step):
+    """Starts a run and returns the process once a checkpoint at `until_step` is complete."""
+    proc = subprocess.Popen(
+        _cli(workdir, data_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while until_step not in _steps(workdir):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "run did not reach the checkpoint in time"
+        time.sleep(0.01)
+    return proc
+
+
+def _final_params(workdir):
+    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
+    step = mngr.latest_step()
+    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore()))["params"]
+    mngr.close()
+    return step, {k: np.asarray(v) for k, v in tree.flatten(out).items()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_dir):
+    """The uninterrupted run, through the same command line."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    subprocess.run(_cli(workdir, data_dir), cwd=ROOT, check=True, capture_output=True)
+    return workdir
+
+
+def _assert_same_run(workdir, reference):
+    step, params = _final_params(workdir)
+    ref_step, ref_params = _final_params(reference)
+    assert step == ref_step == LONG["total_steps"]
+    for path, x in ref_params.items():
+        np.testing.assert_array_equal(params[path], x, err_msg=path)  # Bit-exact on CPU.
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    ref_rows = metrics.read_jsonl(os.path.join(reference, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # No duplicated steps.
+    assert [r["train/loss"] for r in rows] == [r["train/loss"] for r in ref_rows]
+    assert [r["input/skipped"] for r in rows] == [r["input/skipped"] for r in ref_rows]
+
+
+def test_sigkill_and_resume_equals_uninterrupted(reference, data_dir, tmp_path):
+    workdir = str(tmp_path)
+    proc = _start_and_wait(workdir, data_dir, until_step=40)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = _steps(workdir)[-1]
+    assert killed_at < LONG["total_steps"]
+    done = subprocess.run(_cli(workdir, data_dir), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"Resumed from step {killed_at}" in done.stdout
+    _assert_same_run(workdir, reference)
+
+
+def test_sigterm_saves_exits_and_resumes(reference, data_dir, tmp_path):
+    workdir = str(tmp_path)
+    proc = _start_and_wait(workdir, data_dir, until_step=20)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before SIGTERM arrived")
+    assert proc.returncode == 143, stderr[-3000:]
+    stopped = int(re.search(r"Stopped by SIGTERM at step (\d+)", stderr).group(1))
+    assert _steps(workdir)[-1] == stopped
+    done = subprocess.run(_cli(workdir, data_dir), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    _assert_same_run(workdir, reference)
+
+
+def test_half_written_checkpoint_is_never_loaded(reference, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    ckpts = os.path.join(workdir, "checkpoints")
+    # What a run killed in the middle of saving step 100 leaves behind: a temporary directory,
+    # here with its array data truncated.
+    partial = os.path.join(ckpts, "100.orbax-checkpoint-tmp-1234567")
+    shutil.copytree(os.path.join(ckpts, "80"), partial)
+    for root, _, files in os.walk(os.path.join(partial, "params")):
+        for name in files:
+            with open(os.path.join(root, name), "r+b") as f:
+                f.truncate(3)
+    mngr = checkpoint.manager(ckpts, read_only=True)
+    assert mngr.latest_step() == 80
+    assert 100 not in mngr.all_steps()
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_path):
+    apply_overrides(
+        tiny_config,
+        {
+            "optax_name": "sgd",
+            "lr": 1e12,
+            "grad_clip_norm": None,
+            "ckpt_steps": 1,
+            "schedule": {"decay_type": "constant"},
+        },
+    )
+    with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
+        train.train(tiny_config, str(tmp_path))
+    bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
+    steps = _steps(str(tmp_path))
+    assert steps and max(steps) < bad_step
+    assert f"last good checkpoint is step {max(steps)}" in str(info.value)
+    _, params = _final_params(str(tmp_path))
+    assert all(np.isfinite(x).all() for x in params.values())
+
+
+def test_workdir_of_another_model_is_reported_by_path(reference, tiny_config, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference, workdir)
+    tiny_config.model.mlp_dim = 96
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"mlp/wi/kernel.*\(32, 64\)"):
+        train.train(tiny_config, workdir)
+
+
+def test_model_init_shape_mismatch_and_missing(reference, tiny_config, tmp_path):
+    apply_overrides(tiny_config, {"model_init": reference, "num_classes": 10})
+    with pytest.raises(
+        checkpoint.CheckpointMismatchError, match=r"head/kernel.*dont_load|head/kernel"
+    ):
+        train.train(tiny_config, str(tmp_path / "a"))
+    apply_overrides(tiny_config, {"model_load": {"dont_load": ["head/.*"]}, "total_steps": 1})
+    result = train.train(tiny_config, str(tmp_path / "b"))
+    _, ref = _final_params(reference)
+    np.testing.assert_array_equal(  # Loaded, then one step of training.
+        np.asarray(tree.flatten(result.params)["img/pos_embedding"]).shape,
+        ref["img/pos_embedding"].shape,
+    )
