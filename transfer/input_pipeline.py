@@ -28,6 +28,10 @@ import tensorflow_datasets as tfds
 
 from transfer import pp as pp_lib
 
+# tf.data only runs on the host: keep TF off any GPU/TPU so it does not reserve accelerator memory
+# that JAX needs (on CPU-only machines this is a no-op).
+tf.config.set_visible_devices([], "GPU")
+tf.config.set_visible_devices([], "TPU")
 _MAX_EPOCHS = 2**62
 _CHECK_EXAMPLES = 16  # Raw examples tried eagerly at start-up to surface pp bugs.
 
@@ -85,6 +89,8 @@ def get_builder(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
     if builder.is_prepared():
         return builder
     if name.split(":")[0].split("/")[0] in embedded:
+        print(f"Generating the embedded dataset '{name}' into {builder.data_dir} (seconds).")
+        tfds.disable_progress_bar()
         builder.download_and_prepare()
         return builder
     raise DataNotPreparedError(_not_prepared_message(builder, name))
