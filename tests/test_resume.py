@@ -161,13 +161,38 @@ def test_workdir_of_another_model_is_reported_by_path(reference, tiny_config, tm
 def test_model_init_shape_mismatch_and_missing(reference, tiny_config, tmp_path):
     apply_overrides(tiny_config, {"model_init": reference, "num_classes": 10})
     with pytest.raises(
-        checkpoint.CheckpointMismatchError, match=r"head/kernel.*dont_load|head/kernel"
+        checkpoint.CheckpointMismatchError, match=r"head/kernel: checkpoint \(32, 42\)"
     ):
         train.train(tiny_config, str(tmp_path / "a"))
-    apply_overrides(tiny_config, {"model_load": {"dont_load": ["head/.*"]}, "total_steps": 1})
-    result = train.train(tiny_config, str(tmp_path / "b"))
-    _, ref = _final_params(reference)
-    np.testing.assert_array_equal(  # Loaded, then one step of training.
-        np.asarray(tree.flatten(result.params)["img/pos_embedding"]).shape,
-        ref["img/pos_embedding"].shape,
+    apply_overrides(tiny_config, {"num_classes": 42, "model_load": {"dont_load": []}})
+    step_dir = os.path.join(reference, "checkpoints", str(_steps(reference)[0]))
+    tiny_config.model_init = step_dir  # A step directory works too.
+    apply_overrides(tiny_config, {"model_load": {"src_subtree": "img", "dst_subtree": "img"}})
+    with pytest.raises(checkpoint.CheckpointMismatchError, match=r"not found.*head/"):
+        train.train(tiny_config, str(tmp_path / "b"))
+
+
+def test_model_init_subtree_loads_tower_only(reference, tiny_config, tmp_path):
+    apply_overrides(
+        tiny_config,
+        {
+            "model_init": reference,
+            "total_steps": 2,
+            "model_load": {"src_subtree": "img", "dst_subtree": "img", "dont_load": ["head/.*"]},
+            "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})],
+        },
     )
+    result = train.train(tiny_config, str(tmp_path))
+    _, ref = _final_params(reference)
+    final = tree.flatten(result.params)
+    for path, x in ref.items():
+        if path.startswith("img/"):
+            np.testing.assert_array_equal(np.asarray(final[path]), x, err_msg=path)
+    # The head starts from its zero init, not from the reference's trained head.
+    assert not np.allclose(np.asarray(final["head/kernel"]), ref["head/kernel"], atol=1e-3)
+
+
+def test_map_path():
+    assert checkpoint._map_path("img/a/b", "img", "") == "a/b"
+    assert checkpoint._map_path("a/b", "", "img") == "img/a/b"
+    assert checkpoint._map_path("txt/a", "img", "img") is None

@@ -33,8 +33,15 @@ def train_command(argv: list[str]) -> int:
         help="run directory: config.json, metrics.jsonl, tb/, checkpoints/",
     )
     args = parser.parse_args(argv)
-    from transfer import train  # Heavy imports after argument errors are reported.
+    from transfer import input_pipeline, train  # Heavy imports after argument errors are reported.
 
+    user_errors = (
+        config_lib.ConfigError,
+        train.NonFiniteLossError,
+        input_pipeline.DataNotPreparedError,
+        ValueError,  # Also covers checkpoint.CheckpointMismatchError.
+        FileNotFoundError,
+    )
     try:
         config = config_lib.load_config_file(args.config)
         config, _ = train.prepare_config(config)
@@ -43,7 +50,7 @@ def train_command(argv: list[str]) -> int:
     except train.Preempted as e:
         print(e, file=sys.stderr)
         return 143
-    except (config_lib.ConfigError, train.NonFiniteLossError, ValueError, FileNotFoundError) as e:
+    except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()})

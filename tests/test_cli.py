@@ -1,0 +1,42 @@
+"""The `cappa` command: errors are one readable line, exit codes are meaningful."""
+
+from conftest import TINY_CONFIG
+
+from transfer import cli
+
+
+def test_unknown_command(capsys):
+    assert cli.main(["trian"]) == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys):
+    assert cli.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "train" in out and "demo" in out
+
+
+def test_bad_override_is_one_line_error(capsys, tmp_path):
+    code = cli.main(
+        ["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path), "--config.totl_steps=3"]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Unknown config key 'totl_steps'. Did you mean 'total_steps'?" in err
+    assert "Traceback" not in err
+
+
+def test_unprepared_dataset_fails_fast(capsys, tmp_path):
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            TINY_CONFIG,
+            "--workdir",
+            str(tmp_path / "w"),
+            "--config.input.data.name=mnist",
+            f"--config.input.data.data_dir={tmp_path / 'empty'}",
+        ]
+    )
+    assert code == 2
+    assert "tfds build mnist" in capsys.readouterr().err
