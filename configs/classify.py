@@ -13,7 +13,7 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = "classify"
     c.seed = 0
-    c.total_steps = 1500
+    c.total_steps = 800  # ~4 minutes on 2 CPU cores; ~40% val top-1 (chance: 2.4%).
 
     c.input = dict(
         data=dict(name="scenes", split="train"),
@@ -27,17 +27,15 @@ def get_config(arg=None):
     c.optax_name = "adamw"
     c.lr = 1e-3
     c.wd = 1e-4
-    c.schedule = dict(decay_type="cosine", warmup_steps=100)
     c.grad_clip_norm = 1.0
-    if arg == "frozen":
+    if arg == "frozen":  # Tower from config.model_init, frozen: no gradient, no optimizer state.
         c.schedule = [("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=20))]
         c.model_load = dict(dont_load=["head/.*"])
+    else:
+        c.schedule = dict(decay_type="cosine", warmup_steps=100)
 
     c.log_training_steps = 50
-    c.ckpt_steps = 500
-    eval_pp = c.input.pp
-    c.evals = dict(
-        val=dict(type="mean", data=dict(split="validation"), pp=eval_pp, log_steps=500),
-    )
+    c.ckpt_steps = 200
+    c.evals = dict(val=dict(type="mean", data=dict(split="validation"), log_steps=200))
     c.mesh = [("data", -1)]
     return c

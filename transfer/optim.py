@@ -178,9 +178,10 @@ def make_optimizer(config: Any, rules: ParamRules) -> optax.GradientTransformati
     return optax.chain(*parts)
 
 
-def lr_at(config: Any, rules: ParamRules, step: int) -> float:
-    """The effective lr of the first trainable rule at `step`, for logging."""
-    for s in rules.schedules:
-        if s is not None:
-            return float(config.lr) * float(make_schedule(s, int(config.total_steps))(step))
-    return 0.0
+def lr_schedule(config: Any, rules: ParamRules) -> ScheduleFn:
+    """The effective lr of the first trainable rule per step, logged by the jitted step."""
+    for sched in rules.schedules:
+        if sched is not None:
+            fn = make_schedule(sched, int(config.total_steps))
+            return lambda step: float(config.lr) * fn(step)
+    return lambda step: jnp.zeros([], jnp.float32)

@@ -25,8 +25,12 @@ def plot_run(workdir: str, keys: Sequence[str] | None = None, out_name: str = "c
                 if "/" in k and not k.startswith("input/") and not k.endswith("seconds")
             }
         )
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    cols = min(4, max(len(keys), 1))
+    rows_n = -(-len(keys) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
+    for ax, key in zip(axes.flat, keys, strict=False):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             xs, ys = zip(*points, strict=True)

@@ -7,6 +7,7 @@ grows the loop's interface for everyone; tasks never fork it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
@@ -67,17 +68,17 @@ def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
     return config, task_module
 
 
-def _keydata(seed: int) -> jax.Array:
-    return jax.random.key_data(jax.random.key(seed))
-
-
 def make_train_step(
     task: Any,
     tx: optax.GradientTransformation,
     accum_steps: int,
     batch_sharding: jax.sharding.NamedSharding,
+    lr_fn: optim.ScheduleFn | None = None,
 ):
-    """The step: gradients of the TRAINABLE params only (frozen ones cost a forward pass)."""
+    """The step: gradients of the TRAINABLE params only (frozen ones cost a forward pass).
+
+    `lr_fn(step)` is logged as `lr` from inside the step, so logging never evaluates it eagerly.
+    """
 
     def loss_and_grad(trainable, frozen, batch, rng):
         def loss_of(p):
@@ -130,6 +131,8 @@ def make_train_step(
             "train/param_norm": optax.tree.norm(params),
         }
         out.update({f"train/{k}": v for k, v in aux.items()})
+        if lr_fn is not None:
+            out["lr"] = lr_fn(state["step"])
         return new_state, out
 
     return step_fn
@@ -163,6 +166,24 @@ def _abstract(tree_like: Any, shardings: Any) -> Any:
     )
 
 
+@dataclasses.dataclass
+class Run:
+    """Everything `run_loop` needs; built by `setup`. Tools (benchmarks, probes) may use the pieces."""
+
+    config: ml_collections.ConfigDict
+    workdir: str
+    task: Any
+    mesh: jax.sharding.Mesh
+    batch_sharding: jax.sharding.NamedSharding
+    state: dict
+    step_fn: Any  # jitted (state, global batch) -> (state, metrics); donates the state.
+    data_iter: Any
+    first_batch: dict  # The first local numpy batch (already taken from data_iter).
+    mngr: Any
+    start_step: int
+    evals: dict
+
+
 def train(
     config: ml_collections.ConfigDict, workdir: str, devices: list | None = None
 ) -> RunResult:
@@ -170,6 +191,11 @@ def train(
 
     `devices` restricts the mesh to some local devices (tests compare 1 vs 8 devices); None = all.
     """
+    return run_loop(setup(config, workdir, devices))
+
+
+def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None = None) -> Run:
+    """Config -> mesh -> input -> task -> state (init, restore or model_init) -> jitted step."""
     sharding.maybe_initialize_distributed()
     config, task_module = prepare_config(config)
     if jax.process_index() == 0:
@@ -259,7 +285,9 @@ def train(
     state_sh = {"params": train_sh, "frozen": frozen_sh, "opt": opt_sh, **scalar_sh}
 
     step_fn = jax.jit(
-        make_train_step(task, tx, config.accum_steps, batch_shard),
+        make_train_step(
+            task, tx, config.accum_steps, batch_shard, optim.lr_schedule(config, rules)
+        ),
         in_shardings=(state_sh, batch_shard),
         out_shardings=(state_sh, repl),
         donate_argnums=(0,),
@@ -267,20 +295,10 @@ def train(
     evals = evaluators.build(
         config, task=task, mesh=mesh, batch_sharding=batch_shard, param_shardings=param_sh
     )
-    return _loop(
-        config,
-        workdir,
-        task,
-        state,
-        step_fn,
-        data_iter,
-        first_batch,
-        batch_shard,
-        mngr,
-        resume_step or 0,
-        evals,
-        rules,
-    )
+    return Run(
+        config, workdir, task, mesh, batch_shard, state, step_fn, data_iter, first_batch, mngr,
+        resume_step or 0, evals,
+    )  # fmt: skip
 
 
 def _run_evals(evals: dict, state: dict, step: int, total: int) -> dict:
@@ -323,21 +341,19 @@ def _save(mngr: Any, step: int, state: dict, data_iter: Any) -> None:
     )
 
 
-def _loop(
-    config,
-    workdir,
-    task,
-    state,
-    step_fn,
-    data_iter,
-    first_batch,
-    batch_shard,
-    mngr,
-    start_step,
-    evals,
-    rules,
-) -> RunResult:
-    del task
+def run_loop(run: Run) -> RunResult:
+    """Steps, logging, evaluation, checkpoints, preemption: the only loop every task runs."""
+    config, workdir, state, data_iter, mngr = (
+        run.config, run.workdir, run.state, run.data_iter, run.mngr
+    )  # fmt: skip
+    step_fn, batch_shard, start_step, evals = (
+        run.step_fn,
+        run.batch_sharding,
+        run.start_step,
+        run.evals,
+    )
+    first_batch = run.first_batch
+    run.state = None  # Donated by the first step; the loop owns the state from here.
     total = config.total_steps
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)
     progress = metrics.Progress(total, config.input.batch_size, start_step)
@@ -374,7 +390,6 @@ def _loop(
                 row.update(speed)
                 row["input_wait_frac"] = input_wait / elapsed
                 window_start, input_wait = time.perf_counter(), 0.0
-                row["lr"] = optim.lr_at(config, rules, step - 1)
                 row.update(data_iter.stats())
                 _check_finite(state, mngr, workdir)
             row.update(_run_evals(evals, state, step, total))
