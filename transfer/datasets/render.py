@@ -99,6 +99,34 @@ class SplitSizesConfig(tfds.core.BuilderConfig):
         return {"train": self.train, "validation": self.validation, "test": self.test}
 
 
+class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Base of the embedded builders: every split is generated from per-example seeds, no download.
+
+    A subclass defines `_info` and `make_example(split, index) -> dict`.
+    """
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "Initial release."}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.BUILDER_CONFIGS = default_configs()  # Each builder needs its own config instances.
+
+    def make_example(self, split: str, index: int) -> dict:
+        raise NotImplementedError
+
+    def _split_generators(self, dl_manager):
+        del dl_manager
+        return {
+            split: self._generate_examples(split, size)
+            for split, size in self.builder_config.sizes().items()
+        }
+
+    def _generate_examples(self, split: str, size: int):
+        for index in range(size):
+            yield index, self.make_example(split, index)
+
+
 def default_configs() -> list[SplitSizesConfig]:
     """Fresh `default` and `tiny` configs (each builder class needs its own instances)."""
     return [

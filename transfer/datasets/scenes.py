@@ -207,12 +207,9 @@ def make_example(name: str, split: str, index: int) -> dict:
     }
 
 
-class Scenes(tfds.core.GeneratorBasedBuilder):
+class Scenes(render.LocalBuilder):
     """Rendered shape scenes with captions; generated locally, no download."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = render.default_configs()
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = (render.IMAGE_SIZE, render.IMAGE_SIZE, 3)
@@ -235,14 +232,5 @@ class Scenes(tfds.core.GeneratorBasedBuilder):
             supervised_keys=("image", "label"),
         )
 
-    def _split_generators(self, dl_manager):
-        """No download: each split is generated from its own seeds."""
-        del dl_manager
-        return {
-            split: self._generate_examples(split, size)
-            for split, size in self.builder_config.sizes().items()
-        }
-
-    def _generate_examples(self, split: str, size: int):
-        for index in range(size):
-            yield index, make_example(self.name, split, index)
+    def make_example(self, split: str, index: int) -> dict:
+        return make_example(self.name, split, index)

@@ -113,12 +113,9 @@ def make_example(name: str, split: str, index: int) -> dict:
     }
 
 
-class ScenesOcr(tfds.core.GeneratorBasedBuilder):
+class ScenesOcr(render.LocalBuilder):
     """Rendered words for text reading; generated locally, no download."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = render.default_configs()
 
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict(
@@ -132,14 +129,5 @@ class ScenesOcr(tfds.core.GeneratorBasedBuilder):
             description=__doc__, features=features, supervised_keys=("image", "text")
         )
 
-    def _split_generators(self, dl_manager):
-        """No download: each split is generated from its own seeds."""
-        del dl_manager
-        return {
-            split: self._generate_examples(split, size)
-            for split, size in self.builder_config.sizes().items()
-        }
-
-    def _generate_examples(self, split: str, size: int):
-        for index in range(size):
-            yield index, make_example(self.name, split, index)
+    def make_example(self, split: str, index: int) -> dict:
+        return make_example(self.name, split, index)

@@ -196,12 +196,9 @@ def make_example(name: str, split: str, index: int) -> dict:
     }
 
 
-class ScenesVqa(tfds.core.GeneratorBasedBuilder):
+class ScenesVqa(render.LocalBuilder):
     """Visual questions about rendered shape scenes; generated locally, no download."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
-    BUILDER_CONFIGS = render.default_configs()
 
     def _info(self) -> tfds.core.DatasetInfo:
         size = (render.IMAGE_SIZE, render.IMAGE_SIZE, 3)
@@ -219,14 +216,5 @@ class ScenesVqa(tfds.core.GeneratorBasedBuilder):
         )
         return self.dataset_info_from_configs(description=__doc__, features=features)
 
-    def _split_generators(self, dl_manager):
-        """No download: each split is generated from its own seeds."""
-        del dl_manager
-        return {
-            split: self._generate_examples(split, size)
-            for split, size in self.builder_config.sizes().items()
-        }
-
-    def _generate_examples(self, split: str, size: int):
-        for index in range(size):
-            yield index, make_example(self.name, split, index)
+    def make_example(self, split: str, index: int) -> dict:
+        return make_example(self.name, split, index)
