@@ -196,3 +196,12 @@ def test_map_path():
     assert checkpoint._map_path("img/a/b", "img", "") == "a/b"
     assert checkpoint._map_path("a/b", "", "img") == "img/a/b"
     assert checkpoint._map_path("txt/a", "img", "img") is None
+
+
+def test_rerunning_a_finished_run_changes_nothing(reference, data_dir):
+    before = open(os.path.join(reference, "metrics.jsonl")).read()
+    done = subprocess.run(_cli(reference, data_dir), cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "is complete (step 80)" in done.stdout
+    assert open(os.path.join(reference, "metrics.jsonl")).read() == before
+    assert _steps(reference)[-1] == 80

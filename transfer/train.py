@@ -353,6 +353,12 @@ def run_loop(run: Run) -> RunResult:
         run.evals,
     )
     first_batch = run.first_batch
+    if start_step >= config.total_steps:
+        mngr.close()
+        metrics.log(f"{workdir} is complete (step {start_step}); nothing to do.")
+        path = os.path.join(workdir, "metrics.jsonl")
+        rows = metrics.read_jsonl(path) if os.path.exists(path) else []
+        return RunResult(rows[-1] if rows else {}, tree.merge(state["params"], state["frozen"]))
     run.state = None  # Donated by the first step; the loop owns the state from here.
     total = config.total_steps
     writer = metrics.MetricsWriter(workdir, resume_step=start_step)

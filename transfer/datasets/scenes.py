@@ -210,7 +210,6 @@ def make_example(name: str, split: str, index: int) -> dict:
 class Scenes(render.LocalBuilder):
     """Rendered shape scenes with captions; generated locally, no download."""
 
-
     def _info(self) -> tfds.core.DatasetInfo:
         size = (render.IMAGE_SIZE, render.IMAGE_SIZE, 3)
         features = tfds.features.FeaturesDict(

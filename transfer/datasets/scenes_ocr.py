@@ -116,7 +116,6 @@ def make_example(name: str, split: str, index: int) -> dict:
 class ScenesOcr(render.LocalBuilder):
     """Rendered words for text reading; generated locally, no download."""
 
-
     def _info(self) -> tfds.core.DatasetInfo:
         features = tfds.features.FeaturesDict(
             {

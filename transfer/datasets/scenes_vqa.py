@@ -199,7 +199,6 @@ def make_example(name: str, split: str, index: int) -> dict:
 class ScenesVqa(render.LocalBuilder):
     """Visual questions about rendered shape scenes; generated locally, no download."""
 
-
     def _info(self) -> tfds.core.DatasetInfo:
         size = (render.IMAGE_SIZE, render.IMAGE_SIZE, 3)
         features = tfds.features.FeaturesDict(
