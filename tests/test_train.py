@@ -11,6 +11,7 @@ import pytest
 
 from tasks import classify
 from transfer import checkpoint, input_pipeline, metrics, train, tree
+from transfer import step as step_lib
 from transfer.config import apply_overrides
 
 
@@ -118,7 +119,7 @@ def test_frozen_step_computes_no_tower_gradient(tiny_config):
         repl = jax.sharding.NamedSharding(
             jax.sharding.Mesh(jax.devices()[:1], ("data",)), jax.sharding.PartitionSpec()
         )
-        step = train.make_train_step(task, tx, 1, repl)
+        step = step_lib.make_train_step(task, tx, 1, repl)
         return jax.jit(step).lower(state, batch).compile().cost_analysis()["flops"]
 
     full = step_flops(dict(decay_type="constant"))
