@@ -47,6 +47,10 @@ def test_run_outputs_and_known_first_loss(baseline):
     assert rows[0]["train/loss"] == pytest.approx(math.log(42), abs=1e-5)
     assert np.mean([r["train/loss"] for r in rows[-3:]]) < rows[0]["train/loss"] - 0.05
     assert {"val/prec@1", "val/loss", "input/skipped", "steps_per_sec", "lr"} <= set(rows[-1])
+    # lr 3e-3, 2 warmup steps, then cosine over the remaining 10 (the update of step s uses s - 1).
+    expected_lr = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 10))
+                   for s in range(12)]  # fmt: skip
+    np.testing.assert_allclose([r["lr"] for r in rows], expected_lr, rtol=1e-5)
     assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
     assert result.metrics["step"] == 12

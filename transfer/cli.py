@@ -7,6 +7,7 @@ without the engine importing them.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from transfer import config as config_lib
@@ -58,6 +59,7 @@ def train_command(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter only (tf.data).
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: cappa COMMAND [args]", "", "commands:"]

@@ -319,7 +319,9 @@ def run_loop(run: Run) -> RunResult:
             speed: dict[str, float] = {}
             if is_log and pending:
                 fetched = jax.device_get(pending)
+                # Training metrics are averaged over the window; the lr is the current one.
                 row = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+                row["lr"] = float(fetched[-1].get("lr", 0.0))
                 pending = []
                 speed = progress.measure(step)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
