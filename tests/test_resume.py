@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -57,7 +58,11 @@ def _start_and_wait(workdir, data_dir, until_step):
 def _final_params(workdir):
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
     step = mngr.latest_step()
-    out = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore()))["params"]
+    # As numpy: the checkpoint may come from another topology (e.g. two processes).
+    meta = mngr.item_metadata(step)["params"]
+    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
+    args = ocp.args.PyTreeRestore(restore_args=as_numpy)
+    out = mngr.restore(step, args=ocp.args.Composite(params=args))["params"]
     mngr.close()
     return step, {k: np.asarray(v) for k, v in tree.flatten(out).items()}
 

@@ -33,8 +33,17 @@ def train_command(argv: list[str]) -> int:
         required=True,
         help="run directory: config.json, metrics.jsonl, tb/, checkpoints/",
     )
+    parser.add_argument(
+        "--coordinator_address",
+        default=None,
+        help="host:port of process 0, to join a multi-process run by hand "
+        "(TPU pods and SLURM are detected without it)",
+    )
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args(argv)
-    from transfer import input_pipeline, train  # Heavy imports after argument errors are reported.
+    # Heavy imports after argument errors are reported.
+    from transfer import input_pipeline, metrics, sharding, train
 
     user_errors = (
         config_lib.ConfigError,
@@ -42,6 +51,9 @@ def train_command(argv: list[str]) -> int:
         input_pipeline.DataNotPreparedError,
         ValueError,  # Also covers checkpoint.CheckpointMismatchError.
         FileNotFoundError,
+    )
+    sharding.maybe_initialize_distributed(
+        args.coordinator_address, args.num_processes, args.process_id
     )
     try:
         config = config_lib.load_config_file(args.config)
@@ -54,7 +66,9 @@ def train_command(argv: list[str]) -> int:
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    metrics.log(
+        str({k: round(v, 5) if isinstance(v, float) else v for k, v in result.metrics.items()})
+    )
     return 0
 
 

@@ -19,9 +19,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from transfer import tree
 
 
-def maybe_initialize_distributed() -> None:
-    """Joins a multi-process run when the environment describes one (pods, SLURM); no-op otherwise."""
+def maybe_initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> None:
+    """Joins a multi-process run: explicitly (`cappa train --coordinator_address ...`, e.g. several
+    CPU or GPU hosts), or when the environment describes one (TPU pods, SLURM); no-op otherwise."""
     if jax.distributed.is_initialized():
+        return
+    if coordinator_address:
+        # CPU processes need a collectives backend to talk to each other; accelerators ignore this.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address, num_processes, process_id)
         return
     try:
         jax.distributed.initialize()
