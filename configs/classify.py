@@ -3,7 +3,8 @@
   cappa train --config configs/classify.py --workdir workdirs/classify
   cappa train --config configs/classify.py:frozen --workdir DIR --config.model_init=PRETRAINED_WORKDIR
 
-arg "frozen" freezes the image tower (`img/.*`) and trains the head only.
+arg "frozen" freezes the image tower (`img/.*`) and trains the head only. The tower can also come from a
+big_vision ViT checkpoint: --config.model_init=vit.npz --config.model_load.dst_subtree=img
 """
 
 import ml_collections

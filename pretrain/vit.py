@@ -72,11 +72,15 @@ def decode_variant(variant: str) -> dict[str, Any]:
 
 
 def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
-    """Fixed 2-d sin-cos position embedding, shape [1, h*w, width] (row-major token order)."""
+    """Fixed 2-d sin-cos position embedding, shape [1, h*w, width] (row-major token order).
+
+    Frequencies span [1, 1/temperature] inclusive, as in big_vision and MoCo v3, so towers trained there
+    (no position parameter to load) compute the same embedding here.
+    """
     if width % 4:
         raise ValueError(f"sincos2d posemb needs width divisible by 4, got {width}")
     y, x = np.mgrid[:h, :w]
-    omega = 1.0 / temperature ** (np.arange(width // 4) / (width // 4))
+    omega = 1.0 / temperature ** (np.arange(width // 4) / max(width // 4 - 1, 1))
     y = y.reshape(-1)[:, None] * omega[None]
     x = x.reshape(-1)[:, None] * omega[None]
     emb = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)

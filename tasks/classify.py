@@ -20,6 +20,9 @@ DEFAULTS = dict(
     num_classes=10,
     label_key="label",
     label_smoothing=0.0,
+    # A FILE model_init is a big_vision .npz: set model_load.dst_subtree="img" (and src_subtree="img"
+    # for a CapPa/SigLIP checkpoint). A directory is another run of ours, loaded by the engine.
+    model_load=dict(loader="pretrain.bv_import:load_into"),
     model=dict(
         variant=None,  # e.g. "Ti/16": sets width/depth/mlp_dim/num_heads/patch_size.
         width=192,
@@ -34,6 +37,7 @@ DEFAULTS = dict(
         num_registers=0,
         pool_type="gap",
         posemb="learn",
+        cls_posemb=False,  # big_vision's convention: the class token gets no position embedding.
         dropout=0.0,
         scan=False,
         remat_policy="none",

@@ -162,3 +162,24 @@ def test_batch_not_divisible_by_devices(tiny_config, tmp_path):
     tiny_config.input.batch_size = 12
     with pytest.raises(ValueError, match="not divisible by the 8 batch shards"):
         train.train(tiny_config, str(tmp_path))
+
+
+def test_model_init_from_big_vision_npz(baseline, tiny_config, tmp_path):
+    """A FILE model_init goes through the task's loader (big_vision .npz for classify)."""
+    from test_bv_import import to_big_vision
+
+    _, baseline_result, _ = baseline
+    tower = jax.device_get(baseline_result.params["img"])
+    npz = str(tmp_path / "vit.npz")
+    np.savez(npz, **to_big_vision(tower))
+    apply_overrides(tiny_config, {
+        "model_init": npz, "total_steps": 2,
+        "model_load": {"dst_subtree": "img", "dont_load": ["head/.*"]},
+        "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})]})  # fmt: skip
+    result = train.train(tiny_config, str(tmp_path / "run"))
+    final = tree.flatten(result.params)
+    for path, x in tree.flatten(tower).items():
+        np.testing.assert_array_equal(np.asarray(final["img/" + path]), np.asarray(x), err_msg=path)
+    apply_overrides(tiny_config, {"model_load": {"loader": None}})
+    with pytest.raises(ValueError, match="model_load.loader"):
+        train.train(tiny_config, str(tmp_path / "run2"))

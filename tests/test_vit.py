@@ -10,6 +10,7 @@ from pretrain.vit import (
     Norm,
     ViT,
     decode_variant,
+    posemb_sincos_2d,
     scan_to_unscanned,
     unscanned_to_scan,
 )
@@ -425,3 +426,14 @@ def test_cappa_l16_parameter_count():
     )
     # 786,432 stem + 262,144 posemb + 8,192 registers + 24 * 13,637,632 blocks + 1,024 final norm
     assert count(model, 256) == 328_360_960
+
+
+def test_sincos_posemb_known_values():
+    """Row-major tokens; [sin(x w), cos(x w), sin(y w), cos(y w)] with w from 1 down to 1/10000."""
+    pe = posemb_sincos_2d(2, 3, 8)[0]
+    omega = np.array([1.0, 1e-4])  # width 8: 2 frequencies, the first 1 and the last 1/temperature.
+    for token, (y, x) in enumerate([(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]):
+        expected = np.concatenate(
+            [np.sin(x * omega), np.cos(x * omega), np.sin(y * omega), np.cos(y * omega)]
+        )
+        np.testing.assert_allclose(pe[token], expected, rtol=1e-6, atol=1e-7)

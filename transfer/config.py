@@ -61,7 +61,9 @@ def engine_defaults() -> ml_collections.ConfigDict:
     c.fsdp_axes = ["fsdp"]  # Axes "fsdp" shards over (those absent from the mesh are skipped).
     c.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated.
     c.model_init = None  # A workdir (or checkpoint dir) of another run to load params from.
-    c.model_load = dict(dont_load=[], src_subtree="", dst_subtree="")
+    # dont_load: regexes of params to keep initialised; *_subtree: map src/<path> to dst/<path>;
+    # loader: import string of the function that reads a FILE model_init (directories are orbax runs).
+    c.model_load = dict(dont_load=[], src_subtree="", dst_subtree="", loader=None)
     c.model = dict()
     return c
 

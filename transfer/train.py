@@ -198,9 +198,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     else:
         params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
         if config.model_init:
-            params, report = checkpoint.load_params(
-                config.model_init, params, param_sh, config.model_load
-            )
+            params, report = _model_init(config, params, param_sh)
             metrics.log(f"model_init: {report}")
         trainable = tree.partition(params, rules.is_trainable)[0]
         train_item = {
@@ -229,6 +227,28 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
         config, workdir, task, mesh, batch_shard, state, step_fn, data_iter, first_batch, mngr,
         resume_step or 0, evals,
     )  # fmt: skip
+
+
+def _model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -> tuple[Any, dict]:
+    """Another run's orbax checkpoint (a directory) is loaded by the engine; a file (e.g. a big_vision
+    `.npz`) by the loader that `config.model_load.loader` names, so the engine knows no model format."""
+    load_cfg = config.model_load
+    if os.path.isdir(config.model_init):
+        return checkpoint.load_params(config.model_init, params, param_sh, load_cfg)
+    if not os.path.isfile(config.model_init):
+        raise FileNotFoundError(f"config.model_init = '{config.model_init}' does not exist.")
+    if not load_cfg.loader:
+        raise config_lib.ConfigError(
+            f"config.model_init = '{config.model_init}' is a file: set config.model_load.loader to "
+            "the import string of a loader for its format (e.g. 'pretrain.bv_import:load_into')."
+        )
+    loader = registry.import_object(load_cfg.loader)
+    loaded, report = loader(
+        jax.device_get(params), config.model_init, prefix=load_cfg.src_subtree,
+        dst_prefix=load_cfg.dst_subtree, dont_load=list(load_cfg.dont_load),
+    )  # fmt: skip
+    counts = {f"model_init/{k}": v for k, v in report.items() if isinstance(v, int)}
+    return jax.device_put(loaded, param_sh), counts
 
 
 def _run_evals(evals: dict, state: dict, step: int, total: int) -> dict:
