@@ -8,14 +8,14 @@ import json
 import os
 import socket
 import subprocess
-import sys
 
 import numpy as np
-from test_resume import ROOT, TINY, _final_params
+from test_resume import ROOT, _cli, _final_params
 
 from transfer import metrics
 
-CONSTANT_LR = "{'decay_type': 'constant', 'warmup_steps': 2}"  # Independent of total_steps.
+CONSTANT_LR = {"decay_type": "constant", "warmup_steps": 2}  # Independent of total_steps.
+TINY_EVALS = {"val": {"data": {"split": "validation"}, "batch_size": 16}}  # As in tiny_config.py.
 
 
 def _free_port():
@@ -29,23 +29,17 @@ def _run_two_processes(workdir, data_dir, total_steps):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "transfer.cli",
-                "train",
-                "--config",
-                TINY,
-                "--workdir",
+            _cli(
                 workdir,
-                f"--config.input.data.data_dir={data_dir}",
-                f"--config.total_steps={total_steps}",
-                "--config.ckpt_steps=4",
-                f"--config.schedule={CONSTANT_LR}",
+                data_dir,
                 f"--coordinator_address=localhost:{port}",
                 "--num_processes=2",
                 f"--process_id={i}",
-            ],
+                total_steps=total_steps,
+                ckpt_steps=4,
+                schedule=CONSTANT_LR,
+                evals=TINY_EVALS,
+            ),
             cwd=ROOT,
             env=env,
             stdout=subprocess.PIPE,

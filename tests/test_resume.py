@@ -21,18 +21,10 @@ TINY = os.path.join(ROOT, "tests", "tiny_config.py")
 LONG = {"total_steps": 80, "ckpt_steps": 20, "evals": {}}
 
 
-def _cli(workdir, data_dir, **overrides):
-    args = [
-        sys.executable,
-        "-m",
-        "transfer.cli",
-        "train",
-        "--config",
-        TINY,
-        "--workdir",
-        workdir,
-        f"--config.input.data.data_dir={data_dir}",
-    ]
+def _cli(workdir, data_dir, *extra_args, **overrides):
+    """`cappa train` on the tiny config; `overrides` become --config.KEY=VALUE (LONG by default)."""
+    args = [sys.executable, "-m", "transfer.cli", "train", "--config", TINY, "--workdir", workdir,
+            f"--config.input.data.data_dir={data_dir}", *extra_args]  # fmt: skip
     args += [f"--config.{k}={v!r}" for k, v in {**LONG, **overrides}.items()]
     return args
 

@@ -183,3 +183,15 @@ def test_model_init_from_big_vision_npz(baseline, tiny_config, tmp_path):
     apply_overrides(tiny_config, {"model_load": {"loader": None}})
     with pytest.raises(ValueError, match="model_load.loader"):
         train.train(tiny_config, str(tmp_path / "run2"))
+
+
+def test_eval_split_too_small_for_the_hosts(tiny_config, monkeypatch):
+    """32 hosts and 16 validation examples: fail at start-up instead of hanging in a collective."""
+    from transfer import evaluators
+
+    evaluator = object.__new__(evaluators.MeanEvaluator)
+    evaluator.batch_size = 32
+    monkeypatch.setattr(jax, "process_count", lambda: 32)
+    data = {**tiny_config.input.data, "split": "validation"}
+    with pytest.raises(ValueError, match="leaves some of the 32 hosts without examples"):
+        evaluator._batches_per_host(data)
