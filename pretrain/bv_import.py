@@ -312,3 +312,61 @@ def load_into(
     out = dict(flat_params)
     out.update({full(p): v for p, v in new.items()})
     return tree.unflatten(out), report
+
+
+# ------------------------------------------------------------------------------------------------ export
+def _split_blocks(flat: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = {}
+    for p, v in flat.items():
+        m = re.fullmatch(r"encoder/blocks/(.+)", p)
+        if m is None:
+            out[p] = v
+        else:
+            out.update({f"encoder/block_{i}/{m.group(1)}": v[i] for i in range(v.shape[0])})
+    return out
+
+
+def to_big_vision(vit_params: Mapping, scanned: bool | None = None) -> dict[str, np.ndarray]:
+    """Our ViT params -> big_vision's flat names (the inverse of ``vit_from_big_vision``).
+
+    ``scanned``: write big_vision's ``Transformer/encoderblock/...`` stack (depth on axis 0) instead of
+    ``encoderblock_{i}``; None = as ``vit_params`` is. Parameters big_vision's ViT has no name for (registers,
+    Normformer norms, GeGLU, norms without bias i.e. RMSNorm or use_bias=False, a class-token position embedding)
+    raise a ValueError listing them, since the file would not compute our function there.
+    """
+    flat = {p: np.asarray(v) for p, v in tree.flatten(vit_params).items()}
+    was_scanned = any(p.startswith("encoder/blocks/") for p in flat)
+    flat = _split_blocks(flat)
+    top, block = {v: k for k, v in _TOP.items()}, {v: k for k, v in _BLOCK.items()}
+    out, bad = {}, []
+    for p, v in flat.items():
+        m = re.fullmatch(r"encoder/block_(\d+)/(.+)", p)
+        rest = _rename(m.group(2), block) if m else None
+        name = (
+            (f"Transformer/encoderblock_{m.group(1)}/{rest}" if rest else None)
+            if m
+            else _rename(p, top)
+        )
+        if p.endswith("/scale") and p[: -len("scale")] + "bias" not in flat:
+            name = None
+        if p == "pos_embedding" and "cls" in flat and _isqrt(v.shape[1]) is None:
+            name = None  # cls_posemb=True: big_vision gives the class token no position embedding
+        if name is None:
+            bad.append(p)
+        else:
+            out[name] = v
+    if bad:
+        raise ValueError(
+            f"big_vision's ViT has no parameter for {bad}: only LayerNorm-with-bias, GELU-MLP towers without "
+            "registers, Normformer norms or a class-token position embedding can be exported."
+        )
+    if scanned if scanned is not None else was_scanned:
+        stacks: dict[str, dict[int, np.ndarray]] = {}
+        for name in [n for n in out if _BLOCK_RE.fullmatch(n)]:
+            m = _BLOCK_RE.fullmatch(name)
+            stacks.setdefault(m.group(2), {})[int(m.group(1))] = out.pop(name)
+        for rest, layers in stacks.items():
+            out[f"Transformer/encoderblock/{rest}"] = np.stack(
+                [layers[i] for i in range(len(layers))]
+            )
+    return out

@@ -113,8 +113,27 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
+def dot_product_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention with logits and softmax in float32 (bf16 logits lose ranking precision).
+
+    q [B,Q,H,D], k/v [B,K,H,D], mask broadcastable to [B,H,Q,K] (True = may attend) or None.
+    Returns (out [B,Q,H,D] in ``dtype``, probs [B,H,Q,K]).
+    """
+    q = q.astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
+    return y, probs
+
+
 class Attention(nn.Module):
-    """Multi-head attention; logits and softmax in float32. Kernels: [width, heads, head_dim]."""
+    """Multi-head attention; logits and softmax in float32. Kernels: [width, heads, head_dim].
+
+    The attention probabilities are sown as ``intermediates/.../attention`` (free unless the caller
+    makes ``intermediates`` mutable): that is how attention maps are read out.
+    """
 
     num_heads: int
     use_bias: bool = True
@@ -134,10 +153,8 @@ class Attention(nn.Module):
             name=name,
         )
         q, k, v = dense("query")(xq), dense("key")(xkv), dense("value")(xkv)
-        q = q.astype(jnp.float32) / np.sqrt(hd).astype(np.float32)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(jnp.float32))
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v.astype(self.dtype))
+        y, probs = dot_product_attention(q, k, v, None, self.dtype)
+        self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
             axis=(-2, -1),
@@ -243,7 +260,7 @@ class Encoder(nn.Module):
         if self.scan:
             stack = nn.scan(
                 block_cls,
-                variable_axes={"params": 0},
+                variable_axes={"params": 0, "intermediates": 0},
                 in_axes=nn.broadcast,
                 split_rngs={"params": True, "dropout": True},
                 length=self.depth,

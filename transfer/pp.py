@@ -450,3 +450,7 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Example:
 def get_flatten() -> Op:
     """TFDS nested features {"captions": {"text": t}} -> {"captions/text": t}."""
     return _flatten
+
+
+# Text ops (`tokenize`) live in their own module; importing it here registers them with every pp.
+from transfer import pp_text  # noqa: E402, F401

@@ -1,0 +1,110 @@
+"""CapPa pretraining as a task of the one train loop: ``config.task = "pretrain.cappa_task"``.
+
+Batches hold ``image`` [B,H,W,3] and ``labels`` [B,T] (token ids, pad = ``pad_id``; the pp's ``tokenize`` op
+makes them). Per example a Bernoulli(``masked_pred_prob``) draw picks Pa or Cap (see pretrain/cappa.py).
+Evaluation is Cap only: ``loss`` (per-caption mean) and the ``perplexity`` evaluator (token-weighted).
+Caption-scoring evaluators (zero-shot classification, pairwise choice) come from pretrain/scoring.py.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pretrain import cappa
+from transfer import evaluators as evaluators_lib
+
+DEFAULTS = dict(
+    masked_pred_prob=0.75,  # the paper's Pa fraction; 0 = plain captioning (Cap)
+    label_smoothing=0.0,
+    pad_id=0,
+    text_key="labels",
+    tokenizer=None,  # SentencePiece .model: needed by decoding/scoring evaluators and `cappa caption`
+    model_load=dict(loader="pretrain.ckpt_import:load_into"),
+    model=cappa.MODEL_DEFAULTS,
+)
+
+
+class Task:
+    """Implements the task contract of docs/ARCHITECTURE.md."""
+
+    def __init__(self, config: Any):
+        self.config = config
+        if not 0.0 <= float(config.masked_pred_prob) <= 1.0:
+            raise ValueError(f"masked_pred_prob must be in [0, 1], got {config.masked_pred_prob}")
+        self.model = cappa.Model(**cappa.model_kwargs(config.model))
+        self.mask_id = int(config.model.txt.vocab_size)
+        self.pad_id = int(config.pad_id)
+        self.text_key = config.text_key
+
+    def init_params(self, rng: jax.Array, batch: dict) -> dict:
+        image = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)
+        tokens = jnp.zeros((1, batch[self.text_key].shape[1]), jnp.int32)
+        return self.model.init({"params": rng}, image, tokens)["params"]
+
+    def _check_labels(self, labels: jax.Array) -> None:
+        max_len = int(self.config.model.txt.max_len)
+        if labels.shape[1] > max_len and self.config.model.txt.posemb == "learn":
+            raise ValueError(
+                f"captions of {labels.shape[1]} tokens but model.txt.max_len={max_len}: "
+                "tokenize with max_len <= model.txt.max_len"
+            )
+
+    def loss_fn(self, params: dict, batch: dict, rng: jax.Array) -> tuple[jax.Array, dict]:
+        labels = batch[self.text_key]
+        self._check_labels(labels)
+        branch_rng, dropout_rng = jax.random.split(rng)
+        p = float(self.config.masked_pred_prob)
+        is_pa = jax.random.bernoulli(branch_rng, p, (labels.shape[0],))
+        tokens, mask = cappa.decoder_inputs(labels, is_pa, self.mask_id)
+        logits, _ = self.model.apply(
+            {"params": params},
+            batch["image"],
+            tokens,
+            mask,
+            train=True,
+            rngs={"dropout": dropout_rng},
+        )
+        losses, _ = cappa.sequence_xent(
+            logits, labels, self.pad_id, float(self.config.label_smoothing)
+        )
+        pa = is_pa.astype(jnp.float32)
+        n_pa = jnp.sum(pa)
+        aux = {
+            "pa_fraction": jnp.mean(pa),
+            "loss_pa": jnp.sum(losses * pa) / jnp.maximum(n_pa, 1.0),
+            "loss_cap": jnp.sum(losses * (1 - pa)) / jnp.maximum(len(pa) - n_pa, 1.0),
+        }
+        return jnp.mean(losses), aux
+
+    def cap_logits(self, params: dict, image: jax.Array, labels: jax.Array) -> jax.Array:
+        """Teacher-forced Cap logits [B,T,V] (the evaluation branch)."""
+        is_pa = jnp.zeros((labels.shape[0],), bool)
+        tokens, mask = cappa.decoder_inputs(labels, is_pa, self.mask_id)
+        return self.model.apply({"params": params}, image, tokens, mask)[0]
+
+    def eval_metrics(self, params: dict, batch: dict) -> dict[str, jax.Array]:
+        labels = batch[self.text_key]
+        logits = self.cap_logits(params, batch["image"], labels)
+        losses, count = cappa.sequence_xent(logits, labels, self.pad_id)
+        return {"loss": losses, "nll_sum": losses * count, "tokens": count}
+
+    def evaluators(self) -> dict[str, type]:
+        out = {"perplexity": PerplexityEvaluator}
+        try:
+            from pretrain import scoring
+        except ImportError:
+            return out
+        return {**out, **scoring.EVALUATORS}
+
+
+class PerplexityEvaluator(evaluators_lib.MeanEvaluator):
+    """The mean evaluator plus ``perplexity = exp(total nll / total tokens)`` over the split."""
+
+    def run(self, params: Any) -> dict[str, float]:
+        out = super().run(params)
+        out["perplexity"] = math.exp(out["nll_sum"] / max(out["tokens"], 1e-9))
+        return out

@@ -1,0 +1,449 @@
+"""Load published CapPa / big_vision / clip-jax parameters into our models, and export our ViT to big_vision.
+
+Why: the CapPa task (``model_load.loader = "pretrain.ckpt_import:load_into"``) starts from checkpoints trained
+elsewhere. They compute what our ``pretrain.cappa.Model`` computes but name (and sometimes stack) parameters
+differently, so loading is a renaming, plus the few real conversions listed below. The format is detected from the
+names under ``prefix``:
+
+=================  ===========================================  ===========================================
+format             names (under ``prefix``)                     lands in
+=================  ===========================================  ===========================================
+big_vision ViT     ``embedding/kernel``, ``Transformer/...``     a ViT tower (pretrain/bv_import.py does it)
+SigLIP (2 towers)  ``img/<big_vision ViT>``, ``txt/...``         ``img/...`` (``txt`` is not ours: unmatched)
+big_vision CapPa   ``encoder/<big_vision ViT>``, ``decoder/...``  ``img/...`` and ``txt/...``
+                   ``pos_embedding_decoder``
+clip-jax           ``vision/...``, ``text/...`` (``params/``     ``img/...`` and ``txt/...``
+                   in front is dropped)
+clip-jax vision    ``embeddings/patch_embeds/kernel``, ...       a ViT tower
+=================  ===========================================  ===========================================
+
+So one tower of a two-tower file goes into a classifier's ``img`` with ``prefix`` = the file's tower name and
+``dst_prefix="img"``: ``"img"`` (SigLIP), ``"encoder"`` (big_vision CapPa), ``"vision"`` (clip-jax).
+
+Conversions beyond renaming:
+
+* layer stacks: big_vision ViT scans on axis 0, big_vision's CapPa decoder on axis 1 (``EncDecBlock/...``),
+  clip-jax always scans on axis 0 (``encoder/layers/...``); they are split into layers and stacked again on axis 0
+  for a target built with ``scan=True`` (``.../blocks/...``);
+* the image position embedding of another patch grid is resampled (``bv_import.resample_posemb``);
+* clip-jax norms built with ``use_scale=False`` (its ``force_scale=False`` default: every norm except the
+  Normformer post-attention ones) have no parameter; ours always have a scale, which is set to 1 (same function);
+* the [MASK] row: our embedding has ``vocab_size + 1`` rows (row ``vocab_size`` = [MASK]). A table of
+  ``vocab_size`` rows (big_vision without masked prediction, clip-jax whose mask token is an ordinary id) fills the
+  first rows; the last keeps its init, or copies row ``mask_token_id`` of the checkpoint when given.
+
+Files are read without unpickling: ``.npz`` with ``allow_pickle=False`` (bv_import.read_npz), flax msgpack with
+``flax.serialization.msgpack_restore``. The naming tables below read "theirs -> ours": ``_BV_DEC_*`` from the flax
+module names of big_vision's proj/cappa/cappa.py (``EncDecBlock{i}``, ``pos_embedding_decoder`` at the top level),
+``_CJ_*`` from clip-jax's clip_jax/modeling.py (``CLIPModel`` with ``vision`` and ``text`` sub-modules; the MLP's
+pre-norm lives inside ``mlp``). clip-jax features our model does not have (``normalize_qk``, factorized position
+embeddings) raise; its MAP head and CLIP scalars are reported unmatched. Token conventions are not parameters: clip-jax
+feeds its own BOS/mask ids, our decoder shifts right with id 0 and masks with id ``vocab_size``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from flax import serialization
+
+from pretrain import bv_import
+from transfer import tree
+from transfer.checkpoint import CheckpointMismatchError
+
+_BV_DEC_BLOCK = {
+    "LayerNorm1": "norm_self_pre",
+    "SelfAttn": "self_attn",
+    "LayerNorm2": "norm_cross_pre",
+    "CrossAttn": "cross_attn",
+    "LayerNorm3": "norm_mlp_pre",
+    "MLP/Dense_0": "mlp/wi",
+    "MLP/Dense_1": "mlp/wo",
+}
+_BV_DEC_TOP = {
+    "pos_embedding_decoder": "pos_embedding",
+    "decoder/EmbedTargets": "embedding",
+    "decoder/LayerNorm": "norm_final",
+    "decoder/LogitsDense": "head",
+}
+# clip-jax's MLP holds its pre-norm (both towers); specific names come before the "mlp" catch-all.
+_CJ_NORMS = {"mlp/pre_mlp_norm": "norm_mlp_pre", "mlp/mid_mlp_norm": "mlp/norm_mid", "mlp": "mlp"}
+_CJ_VIT_BLOCK = {
+    "pre_attention_norm": "norm_attn_pre",
+    "attention": "attn",
+    "post_attention_norm": "norm_attn_post",
+    **_CJ_NORMS,
+}
+_CJ_DEC_BLOCK = {
+    "pre_attention_norm": "norm_self_pre",
+    "attention": "self_attn",
+    "post_attention_norm": "norm_self_post",
+    "pre_cross_attention_norm": "norm_cross_pre",
+    "cross_attention": "cross_attn",
+    "post_cross_attention_norm": "norm_cross_post",
+    **_CJ_NORMS,
+}
+_CJ_VIT_TOP = {
+    "embeddings/patch_embeds": "embedding",
+    "embeddings/position_embeds": "pos_embedding",
+    "embeddings/cls_token": "cls",
+    "embeddings/registers": "registers",
+    "final_norm": "encoder/norm_final",
+}
+_CJ_TXT_TOP = {
+    "embeddings/embeddings": "embedding",
+    "embeddings/position_embeds": "pos_embedding",
+    "final_norm": "norm_final",
+    "logits": "head",
+}
+_WHERE_IMG = {"siglip": "img", "big_vision_cappa": "encoder", "clip_jax": "vision"}
+_ONES = "(absent in clip-jax: a norm without scale = scale 1)"
+Pairs = list[tuple[str, np.ndarray]]
+
+
+# ------------------------------------------------------------------------------------------------ reading
+def read_flat(path: str) -> dict[str, np.ndarray]:
+    """A checkpoint file as ``{"a/b/c": array}``: ``.npz`` (flattened names) or a flax msgpack file (a tree)."""
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path} is a directory: orbax checkpoints (ours or another run's) are loaded by the engine itself "
+            "(config.model_init = that directory); this loader reads .npz and flax msgpack files."
+        )
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head in bv_import._ZIP_MAGIC:
+        return bv_import.read_npz(path)
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        restored = serialization.msgpack_restore(data)
+    except Exception as e:  # msgpack raises several unrelated types on garbage
+        raise ValueError(
+            f"{path} is neither an .npz file nor a flax msgpack file ({type(e).__name__}: {e}). Supported: "
+            "np.savez of flattened 'a/b/c' names, flax.serialization.msgpack_serialize of a parameter tree."
+        ) from None
+    if not isinstance(restored, Mapping):
+        raise ValueError(
+            f"{path}: the msgpack file holds a {type(restored).__name__}, not a parameter tree"
+        )
+    return {k: np.asarray(v) for k, v in tree.flatten(restored).items()}
+
+
+# ------------------------------------------------------------------------------------------------ renaming
+def _tower(block_re: str, block: dict, axis: int, stack: str, top: dict) -> Callable:
+    """A converter of one tower's names: blocks (``block_re`` groups: layer index, or "" when the layers are stacked
+    on ``axis``; the rest) become ``<stack>/block_{i}/...``; other names are renamed by ``top``."""
+
+    def convert(name: str, arr: np.ndarray) -> Pairs:
+        m = re.fullmatch(block_re, name)
+        if m is None:
+            ours = bv_import._rename(name, top)
+            return [(ours, arr)] if ours else []
+        rest = bv_import._rename(m.group(2), block)
+        if rest is None:
+            return []
+        if m.group(1):
+            return [(f"{stack}/block_{int(m.group(1))}/{rest}", arr)]
+        return [
+            (f"{stack}/block_{i}/{rest}", np.take(arr, i, axis)) for i in range(arr.shape[axis])
+        ]
+
+    return convert
+
+
+_bv_decoder = _tower(r"decoder/EncDecBlock(\d*)/(.+)", _BV_DEC_BLOCK, 1, "decoder", _BV_DEC_TOP)
+_cj_vit = _tower(r"encoder/layers()/(.+)", _CJ_VIT_BLOCK, 0, "encoder", _CJ_VIT_TOP)
+_cj_txt = _tower(r"encoder/layers()/(.+)", _CJ_DEC_BLOCK, 0, "decoder", _CJ_TXT_TOP)
+
+
+def _towers(*routes: tuple[str, str, Callable[[str, np.ndarray], Pairs]]) -> Callable:
+    """(source sub-tree, our tower, converter) routes; the first route whose source sub-tree holds a name wins."""
+
+    def convert(name: str, arr: np.ndarray) -> Pairs:
+        for src, dst, fn in routes:
+            if src and not name.startswith(src + "/"):
+                continue
+            return [(f"{dst}/{p}", a) for p, a in fn(name[len(src) + 1 :] if src else name, arr)]
+        return []
+
+    return convert
+
+
+_FORMATS = {  # name: (marker names, converter); the first format with a marker present wins
+    "big_vision_cappa": (
+        ("decoder/EmbedTargets/embedding", "encoder/embedding/kernel"),
+        _towers(("encoder", "img", bv_import._convert), ("", "txt", _bv_decoder)),
+    ),
+    "clip_jax": (
+        ("vision/embeddings/patch_embeds/kernel", "text/embeddings/embeddings/embedding"),
+        _towers(("vision", "img", _cj_vit), ("text", "txt", _cj_txt)),
+    ),
+    "siglip": (("img/embedding/kernel",), _towers(("img", "img", bv_import._convert))),
+    "clip_jax_vision": (("embeddings/patch_embeds/kernel",), _cj_vit),
+    "big_vision_vit": (("embedding/kernel",), bv_import._convert),
+}
+
+
+def detect_format(names: Sequence[str]) -> str:
+    """Which supported layout a set of (prefix-stripped) names is in; ValueError naming what was seen if none."""
+    have = set(names)
+    for fmt, (markers, _) in _FORMATS.items():
+        if any(m in have for m in markers):
+            return fmt
+    raise ValueError(
+        f"cannot tell the checkpoint format: no known marker name is present (top-level names: {_tops(names)}). "
+        f"Known formats: {list(_FORMATS)}. Check prefix, the sub-tree of the file to load."
+    )
+
+
+def _fill_scales(
+    mapped: dict, origin: dict, root: str, stack: str, width_key: str, pre: tuple
+) -> None:
+    """clip-jax builds most norms with ``use_scale=force_scale`` (False by default): no parameter, i.e. scale 1.
+
+    Ours always have a scale, so the missing ones become ones: the pre-norms of every block, the final norm, and
+    the mid-MLP norm of Normformer blocks (recognised by their post-attention norm, which clip-jax always scales).
+    """
+    if width_key not in mapped:
+        return
+    width = mapped[width_key].shape[-1]
+    final = f"{root}encoder/norm_final/scale" if stack == "encoder" else f"{root}norm_final/scale"
+    want = {final: width}
+    blocks = {
+        m.group(0) for p in mapped if (m := re.match(rf"{re.escape(root)}{stack}/block_\d+/", p))
+    }
+    for blk in blocks:
+        want.update({f"{blk}{n}/scale": width for n in pre})
+        if (
+            any(p.startswith(blk) and "_post/" in p for p in mapped)
+            and f"{blk}mlp/wo/kernel" in mapped
+        ):
+            want[f"{blk}mlp/norm_mid/scale"] = mapped[f"{blk}mlp/wo/kernel"].shape[0]
+    for p, n in want.items():
+        if p not in mapped:
+            mapped[p], origin[p] = np.ones(n, np.float32), {_ONES}
+
+
+def _subtree(flat: Mapping[str, np.ndarray], prefix: str) -> str:
+    """The name prefix to load: ``prefix/``, or ``params/prefix/`` inside a training state's {"params": ...}."""
+    pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    if pre and any(n.startswith(pre) for n in flat):
+        return pre
+    if any(n.startswith("params/" + pre) for n in flat):
+        return "params/" + pre  # clip-jax checkpoints hold {"params": ..., ...}
+    if not pre:
+        return pre
+    raise ValueError(
+        f"no checkpoint name starts with prefix {prefix!r}; top-level names: {_tops(flat)}"
+    )
+
+
+def _tops(names: Sequence[str]) -> list[str]:
+    return sorted({n.split("/")[0] for n in names})[:20]
+
+
+def _clip_jax_extras(fmt: str, mapped: dict, origin: dict, unknown: list) -> None:
+    odd = [
+        n
+        for n in unknown
+        if re.search(r"/(norm_query|norm_key|position_embeds_(height|width))\b", n)
+    ]
+    if odd:
+        raise ValueError(f"clip-jax parameters without an equivalent in our model: {odd[:6]}")
+    vit_pre, dec_pre = (
+        ("norm_attn_pre", "norm_mlp_pre"),
+        ("norm_self_pre", "norm_cross_pre", "norm_mlp_pre"),
+    )
+    if fmt == "clip_jax":
+        _fill_scales(mapped, origin, "img/", "encoder", "img/embedding/kernel", vit_pre)
+        _fill_scales(mapped, origin, "txt/", "decoder", "txt/embedding/embedding", dec_pre)
+    else:
+        _fill_scales(mapped, origin, "", "encoder", "embedding/kernel", vit_pre)
+
+
+def _map_names(flat: Mapping[str, np.ndarray], prefix: str) -> tuple[str, dict, dict, list]:
+    """(format, our path -> array, our path -> set of source names, source names that map to nothing)."""
+    pre = _subtree(flat, prefix)
+    fmt = detect_format([n[len(pre) :] for n in flat if n.startswith(pre)])
+    convert = _FORMATS[fmt][1]
+    mapped, origin, unknown = {}, {}, []
+    for name in sorted(flat):
+        pairs = convert(name[len(pre) :], flat[name]) if name.startswith(pre) else []
+        if not pairs:
+            unknown.append(name)
+        for ours, arr in pairs:
+            if ours in mapped:
+                raise ValueError(f"{name} and {sorted(origin[ours])} both map to {ours}")
+            mapped[ours], origin[ours] = np.asarray(arr), {name}
+    if fmt.startswith("clip_jax"):
+        _clip_jax_extras(fmt, mapped, origin, unknown)
+    return fmt, mapped, origin, unknown
+
+
+# ------------------------------------------------------------------------------------------------ stacking
+def _stack(mapped: dict, origin: dict, target: Sequence[str]) -> tuple[dict, dict]:
+    """Per-layer ``<stack>/block_{i}/...`` -> ``<stack>/blocks/...`` (axis 0) where the target is scanned."""
+    layer_re = re.compile(r"(.*?(?:encoder|decoder))/block_(\d+)/(.+)")
+    scanned = {
+        m.group(1) for p in target if (m := re.match(r"(.*?(?:encoder|decoder))/blocks/", p))
+    }
+    out, out_origin, layers = {}, {}, {}
+    for p, arr in mapped.items():
+        m = layer_re.fullmatch(p)
+        if m and m.group(1) in scanned:
+            stacked = f"{m.group(1)}/blocks/{m.group(3)}"
+            layers.setdefault(stacked, {})[int(m.group(2))] = (arr, origin[p])
+        else:
+            out[p], out_origin[p] = arr, origin[p]
+    for p, by_layer in layers.items():
+        if sorted(by_layer) != list(range(len(by_layer))):
+            raise ValueError(f"{p}: the checkpoint has layers {sorted(by_layer)}, not 0..n-1")
+        out[p] = np.stack([by_layer[i][0] for i in range(len(by_layer))])
+        out_origin[p] = set().union(*(o for _, o in by_layer.values()))
+    return out, out_origin
+
+
+# ------------------------------------------------------------------------------------------------ matching
+def _fit(
+    p: str, src: np.ndarray, leaf: Any, target: Mapping, grid: Any, mask_token_id: Any
+) -> tuple:
+    """(array, report key) for a leaf whose shape differs from the checkpoint's; ValueError saying why not."""
+    shape = tuple(leaf.shape)
+    if p in ("pos_embedding", "img/pos_embedding"):
+        has_cls = p.replace("pos_embedding", "cls") in target
+        return bv_import._fit_posemb(src, shape, has_cls, grid), "resampled"
+    if (
+        p.endswith("embedding/embedding")
+        and src.ndim == 2
+        and (src.shape[0] + 1, src.shape[1]) == shape
+    ):
+        out = np.array(leaf, dtype=leaf.dtype)  # the [MASK] row (the last) keeps its init ...
+        out[: src.shape[0]] = src
+        if mask_token_id is not None:  # ... or is the checkpoint's own mask token
+            out[-1] = src[int(mask_token_id)]
+        return out, "extended"
+    if p.endswith("pos_embedding"):
+        raise ValueError(f"set the decoder's max_len to {src.shape[1]} (the checkpoint's)")
+    raise ValueError("")
+
+
+def _match(
+    target: dict, mapped: dict, dont_load: Sequence[str], full: Callable, **fit_kw: Any
+) -> tuple:
+    """Decides every target leaf: loaded, resampled, extended, kept (dont_load), missing or of the wrong shape."""
+    new, wrong, missing = {}, [], []
+    report = {k: [] for k in ("loaded", "resampled", "extended", "kept_init")}
+    for p, leaf in target.items():
+        if any(re.fullmatch(r, full(p)) for r in dont_load):
+            report["kept_init"].append(full(p))
+        elif p not in mapped:
+            missing.append(full(p))
+        elif tuple(mapped[p].shape) == tuple(leaf.shape):
+            new[p] = np.asarray(mapped[p], leaf.dtype)
+            report["loaded"].append(full(p))
+        else:
+            try:
+                arr, key = _fit(p, mapped[p], leaf, target, **fit_kw)
+                new[p] = np.asarray(arr, leaf.dtype)
+                report[key].append(full(p))
+            except ValueError as e:
+                why = f": {e}" if str(e) else ""
+                shapes = f"checkpoint has shape {tuple(mapped[p].shape)}, model expects {tuple(leaf.shape)}"
+                wrong.append(f"{full(p)}: {shapes}{why}")
+    return new, report, wrong, missing
+
+
+def _mismatch_message(
+    path: str, fmt: str, prefix: str, wrong: list, missing: list, towers: bool
+) -> str:
+    lines = [f"checkpoint {path} ({fmt} format, prefix {prefix!r}) does not fit this model:"]
+    lines += [f"  {w}" for w in wrong]
+    if missing:
+        more = " ..." if len(missing) > 8 else ""
+        lines.append(f"  not found in checkpoint ({len(missing)}): {missing[:8]}{more}")
+    lines.append(
+        "  Fix: configure the model like the checkpoint (width, mlp_dim, vocab_size, norm, use_bias, image "
+        "resolution via grid=...), or keep the init of such parameters with dont_load regexes (re.fullmatch on "
+        "the model's paths, e.g. dont_load=['img/head/.*'])."
+    )
+    if towers and fmt in _WHERE_IMG:
+        lines.append(
+            f"  This file holds two towers; its image tower alone goes into a ViT (e.g. a classifier's 'img') "
+            f"with prefix={_WHERE_IMG[fmt]!r}, dst_prefix='img'."
+        )
+    return "\n".join(lines)
+
+
+def load_into(
+    params: Mapping,
+    path: str,
+    *,
+    prefix: str = "",
+    dst_prefix: str = "",
+    dont_load: Sequence[str] = (),
+    grid: tuple[int, int] | None = None,
+    mask_token_id: int | None = None,
+) -> tuple[dict, dict]:
+    """Replaces the leaves of ``params`` under ``dst_prefix`` with the checkpoint's (sub-tree ``prefix``).
+
+    Returns (new params, report). Report lists (full target paths): ``loaded``, ``resampled`` (image position
+    embeddings of another grid; ``grid`` = the model's (h, w) patch grid when not square), ``extended`` (an
+    embedding that gained the [MASK] row), ``kept_init`` (matched by a ``dont_load`` regex), ``filled_ones`` (clip-jax
+    norms without scale), and the checkpoint's ``unmatched_in_checkpoint`` names; ``format``, and ``num_*`` counts.
+    A shape mismatch or a target parameter absent from the checkpoint raises CheckpointMismatchError listing every
+    such path: a silently random parameter would only show up as a worse fine-tune. Loaded leaves are numpy
+    arrays in the target leaf's dtype; the caller places them on devices.
+    """
+    flat_ckpt = read_flat(path)
+    fmt, mapped, origin, unknown = _map_names(flat_ckpt, prefix)
+    flat_params = tree.flatten(params)
+    dst = dst_prefix.strip("/")
+    pre = f"{dst}/" if dst else ""
+    full = lambda p: pre + p
+    target = {p[len(pre) :]: v for p, v in flat_params.items() if p.startswith(pre)}
+    if not target:
+        raise ValueError(f"params holds nothing under dst_prefix {dst_prefix!r}")
+    mapped, origin = _stack(mapped, origin, list(target))
+    new, report, wrong, missing = _match(
+        target, mapped, dont_load, full, grid=grid, mask_token_id=mask_token_id
+    )
+    if wrong or missing:
+        towers = any(p.startswith(("img/", "txt/")) for p in mapped) and not any(
+            p.startswith(("img/", "txt/")) for p in target
+        )
+        raise CheckpointMismatchError(_mismatch_message(path, fmt, prefix, wrong, missing, towers))
+    used = set().union(*(origin[p] for p in new)) if new else set()
+    sources = set().union(*origin.values()) if origin else set()
+    report["filled_ones"] = sorted(full(p) for p in new if _ONES in origin[p])
+    report["unmatched_in_checkpoint"] = sorted(set(unknown) | (sources - used - {_ONES}))
+    report.update({f"num_{k}": len(v) for k, v in list(report.items())})
+    report["format"] = fmt
+    out = dict(flat_params)
+    out.update({full(p): v for p, v in new.items()})
+    return tree.unflatten(out), report
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_vision_tower(
+    params: Mapping, out_path: str, fmt: str = "big_vision", *, scanned: bool | None = None
+) -> list[str]:
+    """Writes our image tower (``params["img"]`` when present, else ``params`` is the ViT) as a big_vision ViT npz.
+
+    ``scanned`` picks big_vision's layout (``Transformer/encoderblock/...`` stacked on axis 0, or
+    ``encoderblock_{i}``); None = the layout of ``params``. Only the big_vision family (LayerNorm with bias, GELU MLP,
+    no registers, no Normformer norms) has big_vision names: anything else raises, naming the parameters.
+    Returns the names written; ``load_into`` of the file gives back the same arrays.
+    """
+    if fmt != "big_vision":
+        raise ValueError(f"unknown export format {fmt!r}; supported: 'big_vision'")
+    img = params.get("img")
+    tower = img if isinstance(img, Mapping) else params
+    flat = bv_import.to_big_vision(tower, scanned=scanned)
+    np.savez(out_path, **flat)
+    return sorted(flat)
