@@ -5,8 +5,10 @@
   cappa caption --checkpoint workdirs/cappa_tiny some_image.png
 
 arg: "cap" trains a plain captioner (masked_pred_prob=0); "tokenizer=PATH" uses another SentencePiece model.
-Same architecture family as the reproduction (RMSNorm + Normformer, GeGLU, no bias, registers, rotary
-decoder positions), just small: 64x64 images, 8x8 patches (64 tokens + 4 registers), width 128.
+Same architecture family as the reproduction (RMSNorm + Normformer, GeGLU, no bias, registers), just
+small: 64x64 images, 16x16 patches (16 tokens + 4 registers), width 128. Learnt decoder positions, not
+rotary: with rotary positions alone every all-[MASK] Pa input is identical, so Pa cannot tell positions
+apart (see pretrain/cappa_task.py).
 """
 
 import ml_collections
@@ -44,12 +46,12 @@ def get_config(arg=None):
     )
     c.model = dict(
         img=dict(
-            width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=8, num_registers=4,
+            width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=16, num_registers=4,
             norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="none",
         ),
         txt=dict(
             vocab_size=256, depth=2, mlp_dim=384, max_len=32,
-            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, posemb="rope",
+            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, posemb="learn",
         ),
     )  # fmt: skip
 

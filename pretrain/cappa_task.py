@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from pretrain import cappa
 from transfer import evaluators as evaluators_lib
+from transfer import metrics
 
 DEFAULTS = dict(
     masked_pred_prob=0.75,  # the paper's Pa fraction; 0 = plain captioning (Cap)
@@ -39,6 +40,12 @@ class Task:
         self.mask_id = int(config.model.txt.vocab_size)
         self.pad_id = int(config.pad_id)
         self.text_key = config.text_key
+        if config.masked_pred_prob > 0 and config.model.txt.posemb == "rope":
+            metrics.log(
+                "note: Pa with rotary decoder positions only: all-[MASK] inputs are identical, so every "
+                "position gets the same logits and Pa learns a bag of tokens (the reproduction's setting). "
+                "Use model.txt.posemb='learn' for the paper's position-aware Pa."
+            )
 
     def init_params(self, rng: jax.Array, batch: dict) -> dict:
         image = jnp.zeros((1, *batch["image"].shape[1:]), jnp.float32)

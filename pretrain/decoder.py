@@ -36,11 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import vit
-
-try:  # TEMP until transfer.sharding grows it
-    from transfer.sharding import constrain_batch
-except ImportError:
-    constrain_batch = lambda x: x  # noqa: E731
+from transfer.sharding import constrain_batch
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:

@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from transfer.sharding import constrain_batch
+
 _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
@@ -220,7 +222,7 @@ class Block(nn.Module):
         y = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(y, y)
         if self.normformer:
             y = norm("norm_attn_post")(y)
-        x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+        x = constrain_batch(x + nn.Dropout(self.dropout)(y, deterministic=not train))
         y = norm("norm_mlp_pre")(x)
         y = MlpBlock(
             self.mlp_dim,
@@ -232,7 +234,7 @@ class Block(nn.Module):
             self.dtype,
             name="mlp",
         )(y, train)
-        x = x + nn.Dropout(self.dropout)(y, deterministic=not train)
+        x = constrain_batch(x + nn.Dropout(self.dropout)(y, deterministic=not train))
         return x, None  # (carry, per-layer output) so that the block can be nn.scan'ed
 
 

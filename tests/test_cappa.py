@@ -153,3 +153,17 @@ def test_param_paths_follow_the_documented_layout(task_and_params):
     assert {"self_attn", "cross_attn", "mlp", "norm_self_post", "norm_cross_post"} <= set(block)
     assert "bias" not in block["self_attn"]["query"]
     assert np.all(txt["head"]["kernel"] == 0)
+
+
+@pytest.mark.parametrize("posemb", ["rope", "learn"])
+def test_pa_needs_absolute_positions(batch, posemb):
+    """All-[MASK] inputs are identical: with rotary positions only, every position gets the same
+    Pa logits (a bag of tokens); learnt positions tell them apart."""
+    task = task_for(tiny_model_cfg(posemb=posemb))
+    params = task.init_params(jax.random.key(7), batch)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(8), p.shape), params)
+    labels = jnp.asarray(batch["labels"])
+    tokens, mask = cappa.decoder_inputs(labels, jnp.ones((4,), bool), task.mask_id)
+    logits, _ = task.model.apply({"params": params}, batch["image"], tokens, mask)
+    spread = float(jnp.max(jnp.abs(logits - logits[:, :1])))
+    assert (spread < 1e-4) if posemb == "rope" else (spread > 1e-2)

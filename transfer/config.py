@@ -65,6 +65,10 @@ def engine_defaults() -> ml_collections.ConfigDict:
     # loader: import string of the function that reads a FILE model_init (directories are orbax runs).
     c.model_load = dict(dont_load=[], src_subtree="", dst_subtree="", loader=None)
     c.model = dict()
+    # perf/ metrics: FLOPs per example (XLA cost analysis) and MFU against this peak FLOP/s of one
+    # device; None = the table of known TPUs/GPUs, else a measured matmul (CPU).
+    c.log_flops = True
+    c.peak_flops_per_device = None
     return c
 
 

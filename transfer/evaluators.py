@@ -64,7 +64,8 @@ class MeanEvaluator:
         """Every host runs the same number of batches (collectives would hang otherwise)."""
         count = jax.process_count()
         per_host = [input_pipeline.num_examples(data, i, count) for i in range(count)]
-        if min(per_host) == 0:  # Its padding batches would have no template; collectives would hang.
+        # A host without examples would have no padding template, and collectives would hang.
+        if min(per_host) == 0:
             raise ValueError(
                 f"Evaluation split {data['split']!r} of {data['name']!r} leaves some of the {count} "
                 f"hosts without examples ({per_host}); use a larger split."

@@ -13,6 +13,9 @@ happens before decoding, and never more than one epoch is skipped.
 Examples whose pp fails (corrupt or truncated image bytes, crops larger than the image) are
 dropped by `ignore_errors`; each kept example carries its stream index, so the number dropped
 is exact: raw records consumed minus examples returned.
+
+`input.data.name="img2dataset"` reads image-caption shards instead of TFDS (transfer/shards.py),
+with the same stream, seeds, resume and skipping.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from transfer import pp as pp_lib
+from transfer import shards
 
 # tf.data only runs on the host: keep TF off any GPU/TPU so it does not reserve accelerator memory
 # that JAX needs (on CPU-only machines this is a no-op).
@@ -72,9 +76,12 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str) -> str:
     return msg + ", or set input.data.data_dir to a directory where it is already prepared."
 
 
-def get_builder(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder:
+def get_builder(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder | shards.ShardSource:
     """The TFDS builder of `data_cfg.name`; embedded datasets are prepared on first use,
-    any other unprepared dataset raises DataNotPreparedError at once (no download)."""
+    any other unprepared dataset raises DataNotPreparedError at once (no download).
+    `name="img2dataset"` gives the resolved shards instead (see transfer/shards.py)."""
+    if shards.is_shards(data_cfg):
+        return shards.ShardSource(data_cfg)
     embedded = _embedded_names()
     name = data_cfg["name"]
     try:
@@ -116,7 +123,12 @@ def num_examples(
 ) -> int:
     """Raw examples in this host's slice of the split (bad images included)."""
     index, count = _process(process_index, process_count)
-    builder = get_builder(data_cfg)
+    return _host_count(get_builder(data_cfg), data_cfg, index, count)
+
+
+def _host_count(builder: Any, data_cfg: Mapping[str, Any], index: int, count: int) -> int:
+    if isinstance(builder, shards.ShardSource):
+        return builder.num_examples(index, count)
     return builder.info.splits[_host_split(data_cfg, index, count)].num_examples
 
 
@@ -153,6 +165,13 @@ def _raw_dataset(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Datas
         read_config=read_config,
         decoders=_encoded_images(builder.info.features),
     )
+
+
+def _host_raw(builder: Any, data_cfg: Mapping[str, Any], index: int, count: int) -> tf.data.Dataset:
+    """This host's raw examples in file order (TFDS or img2dataset shards)."""
+    if isinstance(builder, shards.ShardSource):
+        return builder.dataset(index, count)
+    return _raw_dataset(builder, _host_split(data_cfg, index, count))
 
 
 # ----------------------------------------------------------------------------- seeds & pp
@@ -280,8 +299,7 @@ class TrainIterator:
         self.batch_size = _local_batch_size(int(input_cfg["batch_size"]), count)
         data_cfg = input_cfg["data"]
         builder = get_builder(data_cfg)
-        split = _host_split(data_cfg, index, count)
-        self.epoch_size = builder.info.splits[split].num_examples
+        self.epoch_size = _host_count(builder, data_cfg, index, count)
         if self.epoch_size == 0:
             raise ValueError(
                 f"Split {data_cfg['split']!r} of {data_cfg['name']!r} has no "
@@ -289,7 +307,7 @@ class TrainIterator:
             )
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
-        raw = _raw_dataset(builder, split)
+        raw = _host_raw(builder, data_cfg, index, count)
         prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1))
         _check_pp(raw, prepare, input_cfg["pp"])
         if input_cfg.get("cache_raw", False):
@@ -363,13 +381,10 @@ class EvalBatches:
         self.batch_size = _local_batch_size(int(batch_size), count)
         data_cfg = eval_input_cfg["data"]
         builder = get_builder(data_cfg)
-        split = _host_split(data_cfg, index, count)
-        self.num_raw = builder.info.splits[split].num_examples
-        largest = max(
-            builder.info.splits[_host_split(data_cfg, i, count)].num_examples for i in range(count)
-        )
+        self.num_raw = _host_count(builder, data_cfg, index, count)
+        largest = max(_host_count(builder, data_cfg, i, count) for i in range(count))
         self.num_batches = math.ceil(largest / self.batch_size)
-        raw = _raw_dataset(builder, split)
+        raw = _host_raw(builder, data_cfg, index, count)
         prepare = _prepare_fn(eval_input_cfg["pp"], _seed_key(0, 3))
         ds = _finish(
             _with_indices(raw), prepare, self.batch_size, False, eval_input_cfg.get("prefetch", 2)

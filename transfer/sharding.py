@@ -188,3 +188,38 @@ def put_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) ->
         k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
+
+
+def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
+    """Asks XLA to keep dim 0 of an activation (or each leaf of a pytree) split over the batch axes.
+
+    For model code: a no-op outside a mesh context (`jax.set_mesh`, which the train loop, the jitted init and the
+    evaluators run under), so the same model runs un-annotated anywhere else. `batch_axes` None = every mesh axis
+    of size > 1, which is the loop's batch sharding for the default `config.batch_axes = None`; a task that sets
+    `config.batch_axes` passes the same axes. Only axes of type Auto take part (inside `shard_map` the manual axes
+    are already split). A leaf whose dim 0 the axes' total size does not divide is returned unchanged.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    if batch_axes is None:
+        axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
+    else:
+        axes = (batch_axes,) if isinstance(batch_axes, str) else tuple(batch_axes)
+        unknown = [a for a in axes if a not in mesh.axis_names]
+        if unknown:
+            raise ValueError(
+                f"constrain_batch: axes {unknown} are not axes of the mesh {mesh.axis_names}; "
+                "pass names from config.mesh (or None for all of them)."
+            )
+    axes = tuple(a for a in axes if a in mesh.auto_axes)
+    shards = math.prod(mesh.shape[a] for a in axes)
+
+    def one(leaf: Any) -> Any:
+        shape = getattr(leaf, "shape", ())
+        if not axes or not shape or shape[0] % shards:
+            return leaf
+        spec = PartitionSpec(axes, *[None] * (len(shape) - 1))
+        return jax.lax.with_sharding_constraint(leaf, spec)
+
+    return jax.tree.map(one, x)

@@ -7,6 +7,7 @@ grows the loop's interface for everyone; tasks never fork it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -21,6 +22,7 @@ import numpy as np
 from transfer import (
     checkpoint,
     evaluators,
+    flops,
     input_pipeline,
     metrics,
     optim,
@@ -61,6 +63,14 @@ def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
         (config.log_training_steps > 0, "config.log_training_steps must be > 0"),
         (config.ckpt_steps > 0, "config.ckpt_steps must be > 0"),
         (config.lr >= 0 and (config.wd or 0) >= 0, "config.lr and config.wd must be >= 0"),
+        (
+            config.peak_flops_per_device is None
+            or (
+                isinstance(config.peak_flops_per_device, (int, float))
+                and config.peak_flops_per_device > 0
+            ),
+            "config.peak_flops_per_device must be None or a positive FLOP/s number (e.g. 197e12)",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -112,6 +122,9 @@ class Run:
     mngr: Any
     start_step: int
     evals: dict
+    # The step without micro-batches (same FLOPs per example; XLA counts a loop body once): lowered,
+    # never compiled, for the perf/ metrics. None = `step_fn` itself.
+    cost_fn: Any = None
 
 
 def train(
@@ -169,7 +182,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     # The task, the parameter rules and the optimizer.
     task = task_module.Task(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    abstract_params = jax.eval_shape(task.init_params, init_rng, first_batch)
+    with jax.set_mesh(mesh):  # Model code may annotate activations (sharding.constrain_batch).
+        abstract_params = jax.eval_shape(task.init_params, init_rng, first_batch)
     rules = optim.resolve_rules(abstract_params, config)
     tx = optim.make_optimizer(config, rules)
     abs_train, abs_frozen = tree.partition(abstract_params, rules.is_trainable)
@@ -196,7 +210,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
         )
         metrics.log(f"Resumed from step {resume_step} in {workdir}.")
     else:
-        params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
+        with jax.set_mesh(mesh):
+            params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
         if config.model_init:
             params, report = _model_init(config, params, param_sh)
             metrics.log(f"model_init: {report}")
@@ -212,20 +227,24 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     del params, train_item
     state_sh = {"params": train_sh, "frozen": frozen_sh, "opt": opt_sh, **scalar_sh}
 
-    step_fn = jax.jit(
-        step_lib.make_train_step(
-            task, tx, config.accum_steps, batch_shard, optim.lr_schedule(config, rules)
-        ),
-        in_shardings=(state_sh, batch_shard),
-        out_shardings=(state_sh, repl),
-        donate_argnums=(0,),
-    )
+    def jit_step(accum_steps: int) -> Any:
+        return jax.jit(
+            step_lib.make_train_step(
+                task, tx, accum_steps, batch_shard, optim.lr_schedule(config, rules)
+            ),
+            in_shardings=(state_sh, batch_shard),
+            out_shardings=(state_sh, repl),
+            donate_argnums=(0,),
+        )
+
+    step_fn = jit_step(config.accum_steps)
+    cost_fn = step_fn if config.accum_steps == 1 else jit_step(1)
     evals = evaluators.build(
         config, task=task, mesh=mesh, batch_sharding=batch_shard, param_shardings=param_sh
     )
     return Run(
         config, workdir, task, mesh, batch_shard, state, step_fn, data_iter, first_batch, mngr,
-        resume_step or 0, evals,
+        resume_step or 0, evals, cost_fn,
     )  # fmt: skip
 
 
@@ -291,6 +310,23 @@ def _save(mngr: Any, step: int, state: dict, data_iter: Any) -> None:
     )
 
 
+def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
+    """Lowers the step once (the loop's own trace when accum_steps == 1; nothing is compiled twice)."""
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype, sharding=run.batch_sharding
+        )
+        for k, v in local_batch.items()
+    }
+    config = run.config
+    perf = flops.measure_step(
+        run.cost_fn or run.step_fn, (state, batch), config.input.batch_size, run.mesh,
+        config.peak_flops_per_device,
+    )  # fmt: skip
+    metrics.log(perf.describe())
+    return perf
+
+
 def run_loop(run: Run) -> RunResult:
     """Steps, logging, evaluation, checkpoints, preemption: the only loop every task runs."""
     config, workdir, state, data_iter, mngr = (
@@ -315,10 +351,13 @@ def run_loop(run: Run) -> RunResult:
     progress = metrics.Progress(total, config.input.batch_size, start_step)
     stop = _StopFlag()
     stop.install()
+    context = contextlib.ExitStack()  # The mesh in context: model code may annotate activations.
+    context.enter_context(jax.set_mesh(run.mesh))
     pending, last_row, input_wait = [], {}, 0.0
     step, batch = start_step, first_batch
     window_start = time.perf_counter()
     try:
+        perf = _measure_perf(run, state, first_batch) if config.log_flops else None
         while step < total:
             if batch is None:
                 t0 = time.perf_counter()
@@ -346,6 +385,7 @@ def run_loop(run: Run) -> RunResult:
                 speed = progress.measure(step)
                 elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row.update(speed)
+                row.update(perf.row(speed) if perf else {})
                 row["input_wait_frac"] = input_wait / elapsed
                 window_start, input_wait = time.perf_counter(), 0.0
                 row.update(data_iter.stats())
@@ -366,6 +406,7 @@ def run_loop(run: Run) -> RunResult:
                 )
         mngr.wait_until_finished()
     finally:
+        context.close()
         stop.uninstall()
         writer.close()
         mngr.close()
