@@ -13,6 +13,8 @@ apart (see pretrain/cappa_task.py).
 
 import ml_collections
 
+from transfer.datasets import render
+
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 
 
@@ -65,5 +67,22 @@ def get_config(arg=None):
     c.ckpt_steps = 500
     c.evals = dict(
         val=dict(type="perplexity", data=dict(split="validation"), log_steps=500),
-    )
+        # Zero-shot classification by caption scoring: the 42 classes "red circle", ... as captions.
+        zeroshot=dict(
+            type="zeroshot", data=dict(split="validation"), log_steps=500,
+            pp="decode|value_range(-1, 1)|keep('image', 'label')",
+            class_names_from="tfds:label",
+            templates=["a large {}", "a big {}"],  # how scenes captions name the main object
+            class_batch_size=42,
+        ),
+        # SugarCrepe-style pairs: a true caption vs the same caption with one colour word swapped.
+        colour_swap=dict(
+            type="pairwise", data=dict(split="validation"), log_steps=500,
+            pp=("decode|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')"
+                f"|swap_word(words={list(render.COLOR_NAMES)}, key='text', outkey='negative_text')"
+                f"|tokenize(max_len=32, model='{tokenizer}', key='text', outkey='positive')"
+                f"|tokenize(max_len=32, model='{tokenizer}', key='negative_text', outkey='negative')"
+                "|keep('image', 'positive', 'negative')"),
+        ),
+    )  # fmt: skip
     return c

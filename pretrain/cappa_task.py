@@ -99,6 +99,20 @@ class Task:
         losses, count = cappa.sequence_xent(logits, labels, self.pad_id)
         return {"loss": losses, "nll_sum": losses * count, "tokens": count}
 
+    def flops_per_example(self, batch: dict) -> float | None:
+        """Model FLOPs of one training example (forward + backward), for MFU.
+
+        Counted on an unscanned, remat-free copy of the model: XLA's cost analysis counts a scanned
+        layer stack once, and recomputation is not model work. Lowered only, never compiled.
+        """
+        from pretrain import info
+
+        task = Task(info.unrolled(self.config))
+        shapes = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
+        params = jax.eval_shape(task.init_params, jax.random.key(0), shapes)
+        image_hw = tuple(batch["image"].shape[1:3])
+        return info.xla_flops(task, params, image_hw, batch[self.text_key].shape[1])["train_step"]
+
     def evaluators(self) -> dict[str, type]:
         out = {"perplexity": PerplexityEvaluator}
         try:

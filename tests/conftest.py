@@ -29,3 +29,14 @@ def tiny_config(data_dir):
     config, _ = train.prepare_config(config_lib.load_config_file(TINY_CONFIG))
     config.input.data.data_dir = data_dir
     return config
+
+
+@pytest.fixture(scope="session")
+def scenes_tokenizer(data_dir, tmp_path_factory):
+    """A small BPE SentencePiece model trained on the `scenes/tiny` training captions."""
+    from transfer import tokenizer
+
+    path = str(tmp_path_factory.mktemp("tokenizer") / "scenes_bpe.model")
+    data = {"name": "scenes/tiny", "split": "train", "data_dir": data_dir}
+    texts = tokenizer.captions_from_dataset(data)
+    return tokenizer.train_tokenizer(texts, path, vocab_size=96, model_type="bpe")

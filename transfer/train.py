@@ -323,6 +323,8 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
         run.cost_fn or run.step_fn, (state, batch), config.input.batch_size, run.mesh,
         config.peak_flops_per_device,
     )  # fmt: skip
+    if hasattr(run.task, "flops_per_example"):  # The task knows its model FLOPs better than XLA.
+        perf = dataclasses.replace(perf, flops_per_example=run.task.flops_per_example(local_batch))
     metrics.log(perf.describe())
     return perf
 

@@ -1,0 +1,254 @@
+"""`cappa info --config configs/cappa_l16.py`: parameter counts and FLOPs per example of a CapPa config.
+
+Nothing is allocated: parameters are `jax.eval_shape`d and the FLOPs come from XLA's cost analysis of
+*lowered* (never compiled or run) functions on abstract inputs, so the L/16 config answers in seconds
+on a laptop. XLA counts the body of a loop once (see transfer/flops.py), so the towers are lowered
+unscanned and without remat: the numbers are model FLOPs of every layer. A hand-written estimate
+(matmuls and attention only) is printed next to them as a cross-check; the two differ by the
+elementwise work (norms, softmax, GELU) that XLA also counts.
+
+The image size comes from `--image_size`, else from the last sizing op of `input.pp`
+(`resize(N)`, `central_crop`, `random_crop`, `inception_crop`); the caption length is
+`model.txt.max_len`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import sys
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from transfer import config as config_lib
+from transfer import flops
+
+SIZE_OPS = ("resize", "central_crop", "random_crop", "inception_crop")
+
+
+def _hw(size: Any) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
+        return int(size[0]), int(size[1])
+    raise ValueError(f"cannot read an image size from {size!r}: expected N or (H, W)")
+
+
+def image_size_from_pp(pp_string: str) -> tuple[int, int] | None:
+    """(H, W) set by the last sizing op on the `image` key of a pp string, or None if there is none."""
+    if not pp_string.strip():
+        return None
+    try:
+        node = ast.parse(f"({pp_string.strip()})", mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse pp string {pp_string!r}: {e.msg}") from e
+    ops = []
+    while isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        ops.append(node.right)
+        node = node.left
+    ops.append(node)
+    for op in ops:  # Last op first.
+        if not (isinstance(op, ast.Call) and isinstance(op.func, ast.Name)):
+            continue
+        if op.func.id not in SIZE_OPS:
+            continue
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in op.keywords if k.arg}
+        if kwargs.get("key", "image") != "image":
+            continue
+        size = ast.literal_eval(op.args[0]) if op.args else kwargs.get("size")
+        if size is not None:
+            return _hw(size)
+    return None
+
+
+def param_counts(params: Any) -> dict[str, int]:
+    """Counts of a CapPa parameter tree (arrays or ShapeDtypeStructs): per tower and in total.
+
+    `txt` includes its `txt_embedding` ([MASK] row included) and `txt_head` (kernel and bias).
+    """
+    size = lambda tree: sum(int(x.size) for x in jax.tree.leaves(tree))
+    txt = params.get("txt", {})
+    return {
+        "img": size(params.get("img", {})),
+        "txt": size(txt),
+        "txt_embedding": size(txt.get("embedding", {})),
+        "txt_head": size(txt.get("head", {})),
+        "total": size(params),
+    }
+
+
+def _block_flops(tokens: int, width: int, mlp_dim: int, mlp_type: str, kv_tokens: int) -> float:
+    """Matmul FLOPs of one pre-norm self-attention + MLP block over `tokens` tokens (forward)."""
+    proj = 2 * 4 * tokens * width * width  # q, k, v, out
+    attn = 2 * 2 * tokens * kv_tokens * width  # q.k and probs.v
+    mlp = 2 * (3 if mlp_type == "geglu" else 2) * tokens * width * mlp_dim
+    return proj + attn + mlp
+
+
+def analytic_flops(img_kw: dict, txt_kw: dict, image_hw: tuple[int, int], text_len: int) -> dict:
+    """Hand-counted matmul FLOPs per example (2 per multiply-add); elementwise work is ignored.
+
+    The train step is 3x the forward (each matmul has two gradient matmuls of the same size), less
+    the patch embedding's input gradient, which nobody asks for (the image is not a parameter).
+    """
+    ph, pw = _hw(img_kw["patch_size"])
+    e, depth = int(img_kw["width"]), int(img_kw["depth"])
+    patches = (image_hw[0] // ph) * (image_hw[1] // pw)
+    tok = img_kw.get("pool_type") == "tok"
+    n_img = patches + int(img_kw.get("num_registers") or 0) + int(tok)
+    m = int(img_kw.get("mlp_dim") or 4 * e)
+    embed = 2 * patches * ph * pw * 3 * e
+    img = embed + depth * _block_flops(n_img, e, m, img_kw.get("mlp_type", "gelu"), n_img)
+    if img_kw.get("pool_type") == "map":  # One probe query: q/out on 1 token, k/v on all, MLP on 1.
+        img += 2 * 2 * e * e + 2 * 2 * n_img * e * e + 2 * 2 * n_img * e + 2 * 2 * e * m
+    if img_kw.get("num_classes"):
+        img += 2 * e * int(img_kw["num_classes"])
+
+    d, t = int(txt_kw["width"]), text_len
+    md = int(txt_kw.get("mlp_dim") or 4 * d)
+    mlp_type = txt_kw.get("mlp_type", "gelu")
+    per_block = _block_flops(t, d, md, mlp_type, t)  # self-attention + MLP
+    per_block += (
+        2 * 2 * t * d * d + 2 * 2 * n_img * e * d + 2 * 2 * t * n_img * d
+    )  # cross-attention
+    txt = int(txt_kw["depth"]) * per_block + 2 * t * d * int(txt_kw["vocab_size"])
+    return {
+        "img_forward": float(img),
+        "txt_forward": float(txt),
+        "train_step": float(3 * (img + txt) - embed),
+        "img_tokens": n_img,
+    }
+
+
+def unrolled(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The same model without scan and remat: XLA then counts every layer once."""
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        for tower in ("img", "txt"):
+            config.model[tower].scan = False
+            config.model[tower].remat_policy = "none"
+    return config
+
+
+def abstract_batch(task: Any, image_hw: tuple[int, int], text_len: int, batch: int = 1) -> dict:
+    return {
+        "image": jax.ShapeDtypeStruct((batch, *image_hw, 3), jnp.float32),
+        task.text_key: jax.ShapeDtypeStruct((batch, text_len), jnp.int32),
+    }
+
+
+def xla_flops(
+    task: Any, params: Any, image_hw: tuple[int, int], text_len: int, batch: int = 1
+) -> dict:
+    """XLA cost-analysis FLOPs per example of the lowered image forward, decoder forward and
+    forward+backward of the task's training loss (no optimizer update), at a batch of `batch`.
+
+    `params` may be abstract (ShapeDtypeStructs). Lowered only: nothing is compiled or run.
+    """
+    from pretrain import cappa
+
+    data = abstract_batch(task, image_hw, text_len, batch)
+    image, labels = data["image"], data[task.text_key]
+    rng = jax.eval_shape(jax.random.key, 0)
+    model = task.model
+
+    def encode(p, x):
+        return model.apply({"params": p}, x, method=cappa.Model.encode)[0]
+
+    def decode(p, tokens, encoded):
+        mask = cappa.causal_mask(tokens.shape[1])
+        return model.apply({"params": p}, tokens, encoded, mask, method=cappa.Model.decode)
+
+    encoded = jax.eval_shape(encode, params, image)
+    train = jax.value_and_grad(task.loss_fn, has_aux=True)
+    out = {
+        "img_forward": flops.step_flops(jax.jit(encode).lower(params, image)),
+        "txt_forward": flops.step_flops(jax.jit(decode).lower(params, labels, encoded)),
+        "train_step": flops.step_flops(jax.jit(train).lower(params, data, rng)),
+    }
+    return {k: None if v is None else v / batch for k, v in out.items()}
+
+
+def image_size(config: ml_collections.ConfigDict, override: int | None = None) -> tuple[int, int]:
+    if override:
+        return _hw(int(override))
+    hw = image_size_from_pp(config.input.get("pp", "") or "")
+    if hw is None:
+        raise config_lib.ConfigError(
+            "cannot tell the image size: input.pp has no resize(N)/central_crop(N)/random_crop(N)/"
+            "inception_crop(N) op on 'image'. Pass --image_size N."
+        )
+    return hw
+
+
+def info(config: ml_collections.ConfigDict, image_size_override: int | None = None) -> dict:
+    """Parameter counts and FLOPs per example of a CapPa config (merged or not); nothing allocated."""
+    from transfer import train
+
+    config, task_module = train.prepare_config(config)
+    if not hasattr(task_module, "Task") or "txt" not in config.get("model", {}):
+        raise config_lib.ConfigError(
+            f"`cappa info` needs a CapPa config (task 'pretrain.cappa_task'), got task {config.task!r}."
+        )
+    hw = image_size(config, image_size_override)
+    text_len = int(config.model.txt.max_len)
+    flat_config = unrolled(config)
+    task = task_module.Task(flat_config)
+    rng = jax.eval_shape(jax.random.key, 0)
+    params = jax.eval_shape(task.init_params, rng, abstract_batch(task, hw, text_len))
+    from pretrain import cappa
+
+    kw = cappa.model_kwargs(config.model)
+    analytic = analytic_flops(kw["img_kw"], kw["txt_kw"], hw, text_len)
+    measured = xla_flops(task, params, hw, text_len)
+    remat = {t: config.model[t].remat_policy != "none" for t in ("img", "txt")}
+    # With remat the backward pass recomputes the forward of the rematerialised towers.
+    recompute = sum(measured[f"{t}_forward"] or 0.0 for t, on in remat.items() if on)
+    return {
+        "config": {
+            "task": config.task,
+            "image_size": list(hw),
+            "text_len": text_len,
+            "img_tokens": analytic.pop("img_tokens"),
+            "dtype": config.model.dtype,
+            "remat": remat,
+        },  # fmt: skip
+        "params": param_counts(params),
+        "flops_per_example": {
+            "xla": measured,
+            "analytic": analytic,
+            "xla_over_analytic": {
+                k: None if measured[k] is None else round(measured[k] / analytic[k], 4)
+                for k in analytic
+            },
+            "train_step_with_remat": None
+            if measured["train_step"] is None
+            else measured["train_step"] + recompute,
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    argv, overrides = config_lib.split_cli_overrides(argv)
+    parser = argparse.ArgumentParser(prog="cappa info", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="square image side; default: from input.pp's resize(N)")  # fmt: skip
+    args = parser.parse_args(argv)
+    try:
+        from transfer import train
+
+        config, _ = train.prepare_config(config_lib.load_config_file(args.config))
+        config_lib.apply_overrides(config, overrides)
+        result = info(config, args.image_size)
+    except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2))
+    return 0

@@ -1,0 +1,168 @@
+"""CapPa through the one train loop: known first loss, learning, sharded == single device; overfitting
+64 captions and reading them back with greedy decoding."""
+
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from pretrain import cappa, cappa_task, decode
+from transfer import config as config_lib
+from transfer import metrics, train, tree
+
+MAX_LEN = 24
+
+
+def cappa_config(data_dir, tokenizer, **overrides):
+    pp = (
+        "decode|resize(32)|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')"
+        f"|tokenize(max_len={MAX_LEN}, model='{tokenizer.path}', key='text', outkey='labels')"
+        "|keep('image', 'labels')"
+    )
+    c = ml_collections.ConfigDict()
+    c.task = "pretrain.cappa_task"
+    c.total_steps = 6
+    c.tokenizer = tokenizer.path
+    c.input = dict(
+        data=dict(name="scenes/tiny", split="train", data_dir=data_dir),
+        batch_size=16,
+        pp=pp,
+        shuffle_buffer_size=64,
+    )
+    c.model = dict(
+        img=dict(width=32, depth=1, num_heads=2, patch_size=8, num_registers=2, norm="rmsnorm",
+                 normformer=True, mlp_type="geglu", use_bias=False),
+        txt=dict(vocab_size=tokenizer.vocab_size, depth=1, max_len=MAX_LEN, norm="rmsnorm",
+                 normformer=True, mlp_type="geglu", use_bias=False),
+    )  # fmt: skip
+    c.optax_name = "adamw"
+    c.lr = 3e-3
+    c.schedule = dict(decay_type="cosine", warmup_steps=1)
+    c.log_training_steps = 1
+    c.ckpt_steps = 6
+    c.evals = dict(val=dict(type="perplexity", data=dict(split="validation"), batch_size=16))
+    c.update(overrides)
+    config, _ = train.prepare_config(config_lib.merge_with_defaults(c, cappa_task.DEFAULTS))
+    return config
+
+
+@pytest.fixture(scope="module")
+def single_device_run(data_dir, scenes_tokenizer, tmp_path_factory):
+    config = cappa_config(data_dir, scenes_tokenizer)
+    workdir = str(tmp_path_factory.mktemp("cappa_run"))
+    result = train.train(config, workdir, devices=jax.devices()[:1])
+    return workdir, result, config
+
+
+def _rows(workdir):
+    return metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+
+
+def test_loop_first_loss_and_outputs(single_device_run, scenes_tokenizer):
+    workdir, _, _ = single_device_run
+    rows = _rows(workdir)
+    assert rows[0]["train/loss"] == pytest.approx(math.log(scenes_tokenizer.vocab_size), abs=1e-5)
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.1
+    last = rows[-1]
+    assert last["val/perplexity"] == pytest.approx(
+        math.exp(last["val/nll_sum"] / last["val/tokens"]), rel=1e-5
+    )
+    assert last["val/perplexity"] < scenes_tokenizer.vocab_size
+    assert {"train/loss_pa", "train/loss_cap", "perf/flops_per_example"} <= set(last)
+
+
+def test_fsdp_and_data_parallel_equal_single_device(
+    single_device_run, data_dir, scenes_tokenizer, tmp_path
+):
+    workdir_1, result_1, _ = single_device_run
+    config = cappa_config(
+        data_dir, scenes_tokenizer, mesh=[("data", 2), ("fsdp", 4)], fsdp_min_size=1
+    )
+    result_8 = train.train(config, str(tmp_path))
+    losses = lambda w: [r["train/loss"] for r in _rows(w)]  # noqa: E731
+    np.testing.assert_allclose(losses(str(tmp_path)), losses(workdir_1), rtol=1e-4)
+    flat_1, flat_8 = tree.flatten(result_1.params), tree.flatten(result_8.params)
+    sharded = [p for p, x in flat_8.items() if any(s is not None for s in x.sharding.spec)]
+    assert "txt/embedding/embedding" in sharded and "img/embedding/kernel" in sharded
+    for path, x in flat_1.items():
+        np.testing.assert_allclose(np.asarray(flat_8[path]), np.asarray(x), atol=1e-4, err_msg=path)
+
+
+def _first_captions(data_dir, tokenizer, n=64):
+    """n images of scenes/tiny with their FIRST caption, tokenized."""
+    import tensorflow_datasets as tfds
+
+    ds = tfds.load("scenes/tiny", split="train", data_dir=data_dir)
+    images, texts = [], []
+    for ex in tfds.as_numpy(ds.take(n)):
+        img = jax.image.resize(ex["image"].astype(np.float32), (32, 32, 3), "bilinear")
+        images.append(np.asarray(img) / 127.5 - 1)
+        texts.append(ex["captions"]["text"][0].decode())
+    return np.stack(images), tokenizer.encode(texts, MAX_LEN), texts
+
+
+@pytest.fixture(scope="module")
+def overfit(data_dir, scenes_tokenizer):
+    """Cap-only training on 64 fixed (image, caption) pairs until the captions are memorised."""
+    images, labels, texts = _first_captions(data_dir, scenes_tokenizer)
+    config = cappa_config(data_dir, scenes_tokenizer, masked_pred_prob=0.0)
+    task = cappa_task.Task(config)
+    batch = {"image": jnp.asarray(images), "labels": jnp.asarray(labels)}
+    params = task.init_params(jax.random.key(0), batch)
+    tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, 300, 1e-4))
+
+    @jax.jit
+    def steps(params, opt, rng):
+        def one(carry, i):
+            params, opt = carry
+            grads, aux = jax.grad(
+                lambda p: task.loss_fn(p, batch, jax.random.fold_in(rng, i)), has_aux=True
+            )(params)
+            updates, opt = tx.update(grads, opt, params)
+            return (optax.apply_updates(params, updates), opt), None
+
+        return jax.lax.scan(one, (params, opt), jnp.arange(50))[0]
+
+    opt = tx.init(params)
+    for k in range(6):
+        params, opt = steps(params, opt, jax.random.key(k))
+    return task, params, batch, texts
+
+
+def test_tiny_model_overfits_64_captions(overfit):
+    task, params, batch, _ = overfit
+    losses, _ = cappa.sequence_xent(
+        task.cap_logits(params, batch["image"], batch["labels"]), batch["labels"], 0
+    )
+    assert float(jnp.mean(losses)) < 0.05
+
+
+def test_greedy_decoding_reproduces_the_memorised_captions(overfit, scenes_tokenizer):
+    task, params, batch, _ = overfit
+    out = decode.captions(task.model, params, batch["image"], scenes_tokenizer, max_len=MAX_LEN)
+    expected = scenes_tokenizer.decode(np.asarray(batch["labels"]))
+    got = [texts[0] for texts in out["text"]]
+    assert np.mean([g == e for g, e in zip(got, expected, strict=True)]) >= 0.95
+    np.testing.assert_array_equal(out["tokens"][:, 0], batch["labels"])  # ids, EOS and padding too
+
+
+def test_flops_per_example_counts_every_scanned_layer(data_dir, scenes_tokenizer):
+    """XLA counts a scanned stack once; the task's model-FLOPs hook must not."""
+    batch = {
+        "image": np.zeros((2, 32, 32, 3), np.float32),
+        "labels": np.zeros((2, MAX_LEN), np.int32),
+    }
+    counts = []
+    for scan in (False, True):
+        config = cappa_config(data_dir, scenes_tokenizer)
+        for tower in ("img", "txt"):
+            config.model[tower].update(depth=3, scan=scan, remat_policy="nothing_saveable")
+        counts.append(cappa_task.Task(config).flops_per_example(batch))
+    assert counts[0] == pytest.approx(counts[1], rel=1e-6)
+    config.model.img.depth = 4  # one more encoder layer costs more
+    assert cappa_task.Task(config).flops_per_example(batch) > counts[0] * 1.05

@@ -1,0 +1,336 @@
+"""Decoding (pretrain/decode.py) against references: the uncached decoder, brute-force enumeration of
+every sequence, numpy nucleus sets, Model.encode; and `cappa caption` end to end on a trained tiny run."""
+
+import functools
+import itertools
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from pretrain import cappa, caption, decode, runs
+
+VOCAB, EOS, PAD, MAX_LEN = 5, 1, 0, 4
+
+
+def random_params(model, images, tokens, seed: int) -> dict:
+    """Random parameters of the right shapes without compiling `init` (seconds saved per model)."""
+    shapes = jax.eval_shape(model.init, jax.random.key(0), images, tokens)["params"]
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        name = path[-1].key
+        std = {"scale": 0.0, "bias": 0.1, "embedding": 1.0, "pos_embedding": 0.2}.get(
+            name, 32**-0.5
+        )
+        if path[-2].key == "head":
+            std = 0.5  # The real init is zero: constant logits would make every test trivial.
+        value = rng.normal(1.0 if name == "scale" else 0.0, std or 1e-9, x.shape)
+        return jnp.asarray(value, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, shapes)
+
+
+@functools.cache  # One model object per setting: its compiled decoders are shared by all tests.
+def tiny_model(scan: bool, posemb: str, seed: int = 0):
+    """A random CapPa model (vocab 5, width 32); the zero-initialised head gets noise so the logits vary.
+
+    The EOS bias is set so that EOS is the first token for half of the images: rows that stop at once
+    sit next to rows that run to max_len (or stop later).
+    """
+    cfg = dict(
+        dtype="float32",
+        img=dict(cappa.MODEL_DEFAULTS["img"], width=32, depth=1, num_heads=2, patch_size=8),
+        txt=dict(
+            cappa.MODEL_DEFAULTS["txt"],
+            vocab_size=VOCAB,
+            depth=2,
+            max_len=6,
+            posemb=posemb,
+            scan=scan,
+        ),
+    )
+    model = cappa.Model(**cappa.model_kwargs(cfg))
+    images = jax.random.normal(jax.random.key(seed + 1), (6, 16, 16, 3))
+    start = jnp.zeros((len(images), 1), jnp.int32)
+    params = random_params(model, images[:1], start[:1], seed)
+    head = params["txt"]["head"]
+    first = np.asarray(decode.teacher_forced_logits(model, params, images, start)[:, 0])
+    margin = np.delete(first, EOS, axis=1).max(1) - first[:, EOS]
+    head["bias"] = head["bias"].at[EOS].set(np.median(margin))
+    return model, params, np.asarray(images)
+
+
+COMBOS = [(False, "learn"), (True, "rope"), (False, "rope"), (True, "learn")]
+
+
+@pytest.fixture(scope="module", params=COMBOS, ids=lambda c: f"scan={c[0]}-{c[1]}")
+def combo(request):
+    return tiny_model(*request.param)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(*COMBOS[0])
+
+
+def reference_logprobs(model, params, images, tokens):
+    """Teacher-forced summed log-probs of [B, R, L] tokens (images [B, ...])."""
+    b, r, length = tokens.shape
+    flat_images = np.repeat(images, r, axis=0)
+    return decode.sequence_logprobs(
+        model, params, flat_images, tokens.reshape(b * r, length), EOS
+    ).reshape(b, r)
+
+
+def check_layout(tokens, lengths):
+    """`tokens..., EOS, pad...` with EOS exactly at lengths - 1, or max_len tokens without EOS."""
+    for row, n in zip(tokens.reshape(-1, MAX_LEN), lengths.reshape(-1), strict=True):
+        assert (row[n:] == PAD).all() and (row[: n - 1] != EOS).all()
+        assert n == MAX_LEN or row[n - 1] == EOS
+
+
+def test_cached_greedy_equals_uncached(combo):
+    model, params, images = combo
+    kw = dict(max_len=MAX_LEN, eos_id=EOS, pad_id=PAD)
+    cached = decode.generate(model, params, images, **kw)
+    slow = decode.generate(model, params, images, use_cache=False, **kw)
+    np.testing.assert_array_equal(cached["tokens"], slow["tokens"])
+    np.testing.assert_array_equal(cached["lengths"], slow["lengths"])
+    np.testing.assert_allclose(cached["logprobs"], slow["logprobs"], rtol=1e-5, atol=1e-5)
+    ref = reference_logprobs(model, params, images, cached["tokens"])
+    np.testing.assert_allclose(cached["logprobs"], ref, rtol=1e-5, atol=1e-5)
+    check_layout(cached["tokens"], cached["lengths"])
+    assert (cached["lengths"] == 1).any() and (cached["lengths"] > 1).any()
+
+
+def test_cached_beam_equals_uncached():
+    """On the scanned decoder (cache leaves [B, depth, ...]); the exhaustive test covers the looped one."""
+    model, params, images = tiny_model(True, "rope")
+    kw = dict(method="beam", beam_size=3, num_return_sequences=2, max_len=MAX_LEN, eos_id=EOS)
+    cached = decode.generate(model, params, images, length_penalty=0.6, **kw)
+    slow = decode.generate(model, params, images, length_penalty=0.6, use_cache=False, **kw)
+    np.testing.assert_array_equal(cached["tokens"], slow["tokens"])
+    np.testing.assert_allclose(cached["scores"], slow["scores"], rtol=1e-5, atol=1e-5)
+
+
+def all_sequences():
+    """Every decodable sequence: non-EOS tokens then EOS (padded), or max_len non-EOS tokens."""
+    others = [i for i in range(VOCAB) if i != EOS]
+    out = []
+    for n in range(1, MAX_LEN + 1):
+        for prefix in itertools.product(others, repeat=n - 1):
+            out.append(list(prefix) + [EOS] + [PAD] * (MAX_LEN - n))
+    out += [list(p) for p in itertools.product(others, repeat=MAX_LEN)]
+    return np.asarray(out, np.int32)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_full_beam_finds_the_exhaustive_best(tiny, alpha):
+    model, params, images = tiny
+    images = images[:2]
+    seqs = all_sequences()
+    lengths = np.where((seqs == EOS).any(1), (seqs == EOS).argmax(1) + 1, MAX_LEN)
+    beam = (VOCAB - 1) ** (MAX_LEN - 1)  # Every alive prefix fits: beam search is exact.
+    out = decode.generate(
+        model, params, images, method="beam", beam_size=beam, num_return_sequences=3,
+        length_penalty=alpha, max_len=MAX_LEN, eos_id=EOS, pad_id=PAD,
+    )  # fmt: skip
+    for i, image in enumerate(images):
+        logp = decode.sequence_logprobs(
+            model, params, np.repeat(image[None], len(seqs), 0), seqs, EOS
+        )
+        scores = logp / ((5.0 + lengths) / 6.0) ** alpha
+        best = np.argsort(-scores)[:3]
+        np.testing.assert_array_equal(out["tokens"][i], seqs[best])
+        np.testing.assert_allclose(out["scores"][i], scores[best], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(out["logprobs"][i], logp[best], rtol=1e-4, atol=1e-5)
+        np.testing.assert_array_equal(out["lengths"][i], lengths[best])
+
+
+def test_top_k_1_sampling_equals_greedy(tiny):
+    model, params, images = tiny
+    kw = dict(max_len=MAX_LEN, eos_id=EOS)
+    greedy = decode.generate(model, params, images, **kw)
+    sampled = decode.generate(
+        model, params, images, method="sample", top_k=1, temperature=0.7, num_return_sequences=2,
+        rng=jax.random.key(5), **kw,
+    )  # fmt: skip
+    for r in range(2):
+        np.testing.assert_array_equal(sampled["tokens"][:, r], greedy["tokens"][:, 0])
+        np.testing.assert_allclose(sampled["logprobs"][:, r], greedy["logprobs"][:, 0], rtol=1e-5)
+
+
+def nucleus(logits: np.ndarray, top_p: float) -> set[int]:
+    """The smallest set of most likely tokens whose probability reaches top_p (numpy reference)."""
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)
+    mass_before = np.cumsum(probs[order]) - probs[order]
+    return set(order[mass_before < top_p].tolist())
+
+
+def test_sampling_is_reproducible_and_stays_in_the_nucleus(tiny):
+    model, params, images = tiny
+    kw = dict(
+        method="sample",
+        top_p=0.8,
+        temperature=2.0,
+        num_return_sequences=4,
+        max_len=MAX_LEN,
+        eos_id=EOS,
+    )
+    a = decode.generate(model, params, images, rng=jax.random.key(1), **kw)
+    b = decode.generate(model, params, images, rng=jax.random.key(1), **kw)
+    c = decode.generate(model, params, images, rng=jax.random.key(2), **kw)
+    np.testing.assert_array_equal(a["tokens"], b["tokens"])
+    assert (a["tokens"] != c["tokens"]).any()
+    check_layout(a["tokens"], a["lengths"])
+    assert ((a["lengths"] > 1) & (a["lengths"] < MAX_LEN)).any()  # EOS mid-sequence too.
+    tokens = a["tokens"].reshape(-1, MAX_LEN)
+    logits = decode.teacher_forced_logits(model, params, np.repeat(images, 4, 0), tokens)
+    logits = np.asarray(logits) / 2.0
+    restricted = 0
+    for row, n, row_logits in zip(tokens, a["lengths"].reshape(-1), logits, strict=True):
+        for t in range(n):
+            allowed = nucleus(row_logits[t], 0.8)
+            assert row[t] in allowed
+            restricted += len(allowed) < VOCAB
+    assert restricted > 10  # The filter really excluded tokens (else this test could not fail).
+    ref = reference_logprobs(model, params, images, a["tokens"])
+    np.testing.assert_allclose(a["logprobs"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_filter_logits_matches_numpy():
+    logits = np.asarray(jax.random.normal(jax.random.key(0), (50, 7)))
+    out = np.asarray(jax.jit(decode.filter_logits, static_argnums=(1, 2))(logits, 3, 0.7))
+    for row, filt in zip(logits, out, strict=True):
+        top3 = set(np.argsort(-row)[:3].tolist())
+        masked = np.where(np.isin(np.arange(7), list(top3)), row, -np.inf)
+        assert set(np.flatnonzero(np.isfinite(filt)).tolist()) == nucleus(masked, 0.7)
+
+
+def test_return_embeddings_equal_encode(tiny):
+    model, params, images = tiny
+    out = decode.generate(
+        model, params, images, max_len=MAX_LEN, eos_id=EOS, return_embeddings=True
+    )
+    encoded, _ = jax.jit(lambda p, x: model.apply({"params": p}, x, method=cappa.Model.encode))(
+        params, images
+    )
+    np.testing.assert_allclose(out["encoded"], encoded, rtol=1e-5, atol=1e-6)
+
+
+def test_early_stop_when_every_caption_ended(tiny):
+    model, params, images = tiny
+    params = jax.tree.map(lambda x: x, params)
+    params["txt"]["head"]["bias"] = params["txt"]["head"]["bias"].at[EOS].set(100.0)
+    out = decode.generate(model, params, images, max_len=MAX_LEN, eos_id=EOS, pad_id=PAD)
+    np.testing.assert_array_equal(
+        out["tokens"][:, 0], [[EOS] + [PAD] * (MAX_LEN - 1)] * len(images)
+    )
+    np.testing.assert_array_equal(out["lengths"], 1)
+    np.testing.assert_allclose(out["logprobs"], 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(method="beams"), "method="),
+        (dict(max_len=7), "max_len=7"),
+        (dict(method="beam", beam_size=2, num_return_sequences=3), "num_return_sequences=3"),
+        (dict(num_return_sequences=2), "greedy decoding returns one"),
+        (dict(method="sample"), "needs an rng"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(eos_id=9), "eos_id=9"),
+    ],
+)
+def test_bad_arguments_fail_clearly(tiny, kwargs, match):
+    model, params, images = tiny
+    with pytest.raises(ValueError, match=match):
+        decode.generate(model, params, images, **{"max_len": MAX_LEN, "eos_id": EOS, **kwargs})
+
+
+# ------------------------------------------------------------------------------------------- cappa caption
+@pytest.fixture(scope="module")
+def trained_run(data_dir, tmp_path_factory):
+    """A CapPa run trained for 2 steps on scenes/tiny with its own tokenizer."""
+    from transfer import tokenizer, train
+
+    root = tmp_path_factory.mktemp("caption")
+    data = {"name": "scenes/tiny", "split": "train", "data_dir": data_dir}
+    tok_path = str(root / "tok.model")
+    tok = tokenizer.train_tokenizer(tokenizer.captions_from_dataset(data), tok_path, 64)
+    c = ml_collections.ConfigDict()
+    c.task = "pretrain.cappa_task"
+    c.total_steps = 2
+    c.tokenizer = tok_path
+    c.input = dict(
+        data=data,
+        batch_size=8,
+        shuffle_buffer_size=16,
+        pp="decode|resize(16)|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')|"
+        f"tokenize(max_len=8, model={tok_path!r}, key='text', outkey='labels')|keep('image', 'labels')",
+    )
+    c.model = dict(
+        img=dict(width=32, depth=1, num_heads=2, patch_size=8),
+        txt=dict(vocab_size=tok.vocab_size, depth=1, max_len=8),
+    )
+    c.ckpt_steps = 2
+    c.log_training_steps = 1
+    c.log_flops = False
+    workdir = str(root / "run")
+    config, _ = train.prepare_config(c)
+    train.train(config, workdir)
+    paths = []
+    for i in range(3):
+        pixels = np.random.default_rng(i).integers(0, 255, (20 + i, 24, 3), np.uint8)
+        paths.append(str(root / f"img{i}.png"))
+        Image.fromarray(pixels).save(paths[-1])
+    return workdir, paths
+
+
+def test_caption_cli_matches_generate(trained_run, capsys):
+    workdir, paths = trained_run
+    assert (
+        caption.main(["--checkpoint", workdir, *paths, "--method", "beam", "--beam_size", "2"]) == 0
+    )
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 3
+    run = runs.load_run(workdir)
+    assert run.step == 2 and runs.image_size(run.params, run.config) == 16
+    images = runs.load_images(paths, 16)
+    ref = decode.captions(
+        run.task.model, run.params, images, run.tokenizer, method="beam", beam_size=2, max_len=8
+    )
+    for line, path, text, logp in zip(lines, paths, ref["text"], ref["logprobs"], strict=True):
+        assert line.split("\t") == [path, text[0], f"{logp[0]:.4f}"]
+
+    assert (
+        caption.main(["--checkpoint", workdir, paths[0], "--json", "--num_return_sequences", "1"])
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    assert result["image"] == paths[0] and len(result["captions"]) == 1
+    cap = result["captions"][0]
+    assert run.tokenizer.decode(cap["tokens"])[0] == cap["text"] and np.isfinite(cap["logprob"])
+
+
+def test_caption_cli_bad_inputs(trained_run, tmp_path, capsys):
+    workdir, paths = trained_run
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"not an image")
+    assert caption.main(["--checkpoint", workdir, paths[0], str(bad)]) == 2
+    assert "broken.jpg" in capsys.readouterr().err
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    (empty / "config.json").write_text(open(os.path.join(workdir, "config.json")).read())
+    assert caption.main(["--checkpoint", str(empty), paths[0]]) == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+    assert caption.main(["--checkpoint", workdir, paths[0], "--step", "7"]) == 2
+    assert "available steps: [2]" in capsys.readouterr().err
