@@ -136,9 +136,9 @@ def _attention_command(args: argparse.Namespace) -> int:
 
     run = runs.load_run(args.checkpoint)
     model, params = run.task.model, run.params
-    size = runs.image_size(params)
+    size = runs.image_size(params, run.config)
     images = runs.load_images(args.images, size)
-    grid = (size[0] // _patch(model)[0], size[1] // _patch(model)[1])
+    grid = (images.shape[1] // _patch(model)[0], images.shape[2] // _patch(model)[1])
     if args.caption is not None:
         if run.tokenizer is None:
             raise ValueError("the run's config has no tokenizer; cannot tokenize --caption")

@@ -334,3 +334,27 @@ def test_caption_cli_bad_inputs(trained_run, tmp_path, capsys):
     assert "no complete checkpoint" in capsys.readouterr().err
     assert caption.main(["--checkpoint", workdir, paths[0], "--step", "7"]) == 2
     assert "available steps: [2]" in capsys.readouterr().err
+
+
+def test_attention_cli_writes_overlays_for_the_greedy_caption(trained_run, tmp_path, capsys):
+    from pretrain import attention
+
+    workdir, paths = trained_run
+    out_dir = str(tmp_path / "maps")
+    assert attention.main(["--checkpoint", workdir, *paths[:2], "--out", out_dir]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    run = runs.load_run(workdir)
+    images = runs.load_images(paths[:2], 16)
+    greedy = decode.generate(
+        run.task.model, run.params, images, max_len=8, eos_id=run.tokenizer.eos_id
+    )
+    for row, tokens in zip(rows, greedy["tokens"][:, 0], strict=True):
+        n = (
+            int(np.argmax(tokens == run.tokenizer.eos_id)) + 1
+            if run.tokenizer.eos_id in tokens
+            else 8
+        )
+        assert len(row["caption"].split(" ")) == n  # one panel per generated token, EOS included
+        with Image.open(row["png"]) as png:
+            assert png.size[0] > 200
+    assert attention.main(["--checkpoint", workdir, str(tmp_path / "missing.png")]) == 2
