@@ -1,6 +1,7 @@
 """CapPa B/16 at 224 px with big_vision's recipe (paper's B/16 setting; big_vision trains on WebLI).
 
-  cappa train --config configs/cappa_b16.py --workdir gs://BUCKET/cappa_b16
+  cappa train --config configs/cappa_b16.py:tokenizer=gs://B/c4_en.model,shards=gs://B/*.tfrecord \
+      --workdir gs://BUCKET/cappa_b16
 
 LayerNorm/GELU/bias ViT-B/16 (all tokens to the decoder), 6-layer decoder of width 768 with learnt
 positions, 64 tokens, a 32k SentencePiece vocabulary. Adafactor, lr 1e-3, wd 1e-4, cosine with 10k
@@ -9,25 +10,29 @@ warmup, clip 1.0, batch 8,192, 75% parallel prediction.
 
 import ml_collections
 
+from configs.common import parse_arg
+
 TOKENIZER = "gs://YOUR_BUCKET/tokenizers/c4_en_32k.model"  # a 32,000-piece SentencePiece model
 SHARDS = "gs://YOUR_BUCKET/captions/*.tfrecord"  # img2dataset tfrecord shards
 
 
 def get_config(arg=None):
+    args = parse_arg(arg, tokenizer=TOKENIZER, shards=SHARDS)
+    tokenizer, shards = args["tokenizer"], args["shards"]
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
     c.total_steps = 1_000_000  # ~9B examples at batch 8,192, as in the paper
     c.masked_pred_prob = 0.75
-    c.tokenizer = TOKENIZER
+    c.tokenizer = tokenizer
 
     c.input = dict(
-        data=dict(name="img2dataset", pattern=SHARDS, format="tfrecord", split="train"),
+        data=dict(name="img2dataset", pattern=shards, format="tfrecord", split="train"),
         batch_size=8_192,
         pp=(
             "decode|resize(224)|value_range(-1, 1)"
             "|flatten|choice(key='captions/text', outkey='text')"
-            f"|tokenize(max_len=64, model='{TOKENIZER}', key='text', outkey='labels')"
+            f"|tokenize(max_len=64, model='{tokenizer}', key='text', outkey='labels')"
             "|keep('image', 'labels')"
         ),
         shuffle_buffer_size=250_000,

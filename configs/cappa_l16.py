@@ -1,7 +1,7 @@
 """CapPa ViT-L/16 at 256 px: the seed reproduction (DataComp-1B, TPU v5e-256, batch 8,192).
 
-  cappa train --config configs/cappa_l16.py --workdir gs://BUCKET/cappa_l16 \
-      --config.tokenizer=gs://BUCKET/spm_65k.model   (and the same path in input.pp, see TOKENIZER below)
+  cappa train --config configs/cappa_l16.py:tokenizer=gs://B/spm_65k.model,shards=gs://B/shards/*.tar \
+      --workdir gs://BUCKET/cappa_l16
   cappa info --config configs/cappa_l16.py      # vision ~328M, text ~348M (67M of it the embedding)
 
 Vision: 24x1024, MLP 3072 GeGLU, RMSNorm with Normformer placement, no bias, learnt positions, 8 registers
@@ -14,25 +14,29 @@ optimizer) stands in; set `optax_name` to any optax optimizer.
 
 import ml_collections
 
+from configs.common import parse_arg
+
 TOKENIZER = "gs://YOUR_BUCKET/tokenizers/spm_65k.model"  # a 65,536-piece SentencePiece model
 SHARDS = "gs://YOUR_BUCKET/datacomp1b/{00000..99999}.tar"  # img2dataset webdataset shards
 
 
 def get_config(arg=None):
+    args = parse_arg(arg, tokenizer=TOKENIZER, shards=SHARDS)
+    tokenizer, shards = args["tokenizer"], args["shards"]
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
     c.total_steps = 1_000_000  # ~8.2B examples seen at batch 8,192
     c.masked_pred_prob = 0.75
-    c.tokenizer = TOKENIZER
+    c.tokenizer = tokenizer
 
     c.input = dict(
-        data=dict(name="img2dataset", pattern=SHARDS, format="webdataset", split="train"),
+        data=dict(name="img2dataset", pattern=shards, format="webdataset", split="train"),
         batch_size=8_192,
         pp=(
             "decode|resize(256)|value_range(-1, 1)"
             "|flatten|choice(key='captions/text', outkey='text')"
-            f"|tokenize(max_len=64, model='{TOKENIZER}', key='text', outkey='labels')"
+            f"|tokenize(max_len=64, model='{tokenizer}', key='text', outkey='labels')"
             "|keep('image', 'labels')"
         ),
         shuffle_buffer_size=250_000,

@@ -13,27 +13,20 @@ apart (see pretrain/cappa_task.py).
 
 import ml_collections
 
+from configs.common import parse_arg
 from transfer.datasets import render
 
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 
 
-def _args(arg):
-    out = {}
-    for item in filter(None, (arg or "").split(",")):
-        key, _, value = item.partition("=")
-        out[key] = value or True
-    return out
-
-
 def get_config(arg=None):
-    args = _args(arg)
-    tokenizer = args.get("tokenizer", TOKENIZER)
+    args = parse_arg(arg, cap=False, tokenizer=TOKENIZER)
+    tokenizer = args["tokenizer"]
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
     c.total_steps = 1_500
-    c.masked_pred_prob = 0.0 if args.get("cap") else 0.75
+    c.masked_pred_prob = 0.0 if args["cap"] else 0.75
     c.tokenizer = tokenizer
 
     c.input = dict(

@@ -9,12 +9,17 @@ from transfer import config as config_lib
 from transfer import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"classify.py": [None, "frozen"]}
+CONFIGS = {
+    "classify.py": [None, "frozen"],
+    "cappa_tiny.py": [None, "cap", "cap,tokenizer=other.model"],
+    "cappa_l16.py": [None, "tokenizer=t.model,shards=s/*.tar"],
+    "cappa_b16.py": [None],
+}
 
 
 def test_every_config_file_is_listed():
     found = {os.path.basename(p) for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
-    assert found - {"__init__.py"} == set(CONFIGS)
+    assert found - {"__init__.py", "common.py"} == set(CONFIGS)
 
 
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in CONFIGS.items() for a in args])
