@@ -32,23 +32,8 @@ START_ID = 0  # First decoder input of a caption (big_vision shifts right with 0
 MODEL_DEFAULTS = dict(
     dtype="float32",  # compute dtype ("bfloat16" on TPU/GPU); parameters are always float32.
     img=dict(
-        variant=None,  # e.g. "L/16"
-        width=192,
-        depth=4,
-        mlp_dim=None,
-        num_heads=3,
-        patch_size=8,
-        norm="layernorm",
-        normformer=False,
-        mlp_type="gelu",
-        use_bias=True,
-        num_registers=0,
-        pool_type="none",  # the decoder sees every token; probes pool later.
-        posemb="learn",
-        dropout=0.0,
-        scan=False,
-        remat_policy="none",
-    ),
+        vit.CONFIG_DEFAULTS, pool_type="none"
+    ),  # the decoder sees every token; probes pool later.
     txt=dict(
         vocab_size=32_000,
         width=None,  # None = the image tower's width
@@ -71,11 +56,7 @@ MODEL_DEFAULTS = dict(
 def model_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Model config dict -> ``Model(img_kw=..., txt_kw=...)`` kwargs (variant expanded, widths filled)."""
     dtype = jnp.dtype(model_cfg.get("dtype") or "float32")
-    img = dict(model_cfg["img"])
-    variant = img.pop("variant", None)
-    if variant:
-        img.update(vit.decode_variant(variant))
-    img["dtype"] = dtype
+    img = vit.config_kwargs(model_cfg["img"], dtype)
     txt = dict(model_cfg["txt"])
     txt["width"] = txt.get("width") or img["width"]
     txt["num_heads"] = txt.get("num_heads") or img["num_heads"]

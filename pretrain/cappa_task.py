@@ -114,12 +114,9 @@ class Task:
         return info.xla_flops(task, params, image_hw, batch[self.text_key].shape[1])["train_step"]
 
     def evaluators(self) -> dict[str, type]:
-        out = {"perplexity": PerplexityEvaluator}
-        try:
-            from pretrain import scoring
-        except ImportError:
-            return out
-        return {**out, **scoring.EVALUATORS}
+        from pretrain import scoring  # Lazy: it registers pp ops only evaluator pipelines use.
+
+        return {"perplexity": PerplexityEvaluator, **scoring.EVALUATORS}
 
 
 class PerplexityEvaluator(evaluators_lib.MeanEvaluator):

@@ -53,6 +53,37 @@ _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "G": (1664, 48, 8192, 16),
 }
 
+# The ViT keys of a task's `model` config (validated key by key); tasks override single values.
+CONFIG_DEFAULTS = dict(
+    variant=None,  # e.g. "B/16": sets width/depth/mlp_dim/num_heads/patch_size.
+    width=192,
+    depth=4,
+    mlp_dim=None,
+    num_heads=3,
+    patch_size=8,
+    norm="layernorm",
+    normformer=False,
+    mlp_type="gelu",
+    use_bias=True,
+    num_registers=0,
+    pool_type="gap",
+    posemb="learn",
+    dropout=0.0,
+    scan=False,
+    remat_policy="none",
+)
+
+
+def config_kwargs(model_cfg: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
+    """A task's ViT config dict -> ``ViT`` kwargs (``variant`` expanded, compute dtype resolved)."""
+    kw = dict(model_cfg)
+    variant = kw.pop("variant", None)
+    if variant:
+        kw.update(decode_variant(variant))
+    kw["dtype"] = jnp.dtype(dtype or kw.get("dtype") or "float32")
+    return kw
+
+
 REMAT_POLICIES = {
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
     "dots_saveable": jax.checkpoint_policies.dots_saveable,

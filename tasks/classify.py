@@ -24,23 +24,8 @@ DEFAULTS = dict(
     # for a CapPa/SigLIP checkpoint). A directory is another run of ours, loaded by the engine.
     model_load=dict(loader="pretrain.bv_import:load_into"),
     model=dict(
-        variant=None,  # e.g. "Ti/16": sets width/depth/mlp_dim/num_heads/patch_size.
-        width=192,
-        depth=4,
-        mlp_dim=None,
-        num_heads=3,
-        patch_size=8,
-        norm="layernorm",
-        normformer=False,
-        mlp_type="gelu",
-        use_bias=True,
-        num_registers=0,
-        pool_type="gap",
-        posemb="learn",
+        vit.CONFIG_DEFAULTS,
         cls_posemb=False,  # big_vision's convention: the class token gets no position embedding.
-        dropout=0.0,
-        scan=False,
-        remat_policy="none",
         dtype="float32",
         head_zeroinit=True,
     ),
@@ -50,12 +35,8 @@ DEFAULTS = dict(
 def vit_kwargs(model_cfg: Any) -> dict[str, Any]:
     """Config dict -> ViT constructor kwargs (`variant` expanded, dtype resolved)."""
     kw = dict(model_cfg)
-    variant = kw.pop("variant", None)
     kw.pop("head_zeroinit", None)
-    if variant:
-        kw.update(vit.decode_variant(variant))
-    kw["dtype"] = jnp.dtype(kw.get("dtype") or "float32")
-    return kw
+    return vit.config_kwargs(kw)
 
 
 class Classifier(nn.Module):
