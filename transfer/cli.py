@@ -17,7 +17,10 @@ from transfer import registry
 COMMANDS = {
     "train": ("transfer.cli:train_command", "train (or resume) a run in a workdir"),
     "demo": ("transfer.demo:main", "run the main job on the embedded data (what `make demo` does)"),
-    "tokenizer": ("transfer.tokenizer:main", "SentencePiece models: train on a dataset's captions, encode, decode"),
+    "tokenizer": (
+        "transfer.tokenizer:main",
+        "SentencePiece models: train on a dataset's captions, encode, decode",
+    ),
     "info": ("pretrain.info:main", "parameter counts and FLOPs of a config (nothing allocated)"),
     "caption": ("pretrain.caption:main", "caption images with a trained CapPa run"),
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
