@@ -222,23 +222,28 @@ def _tower_prefixes(names: Sequence[str]) -> list[str]:
     )
 
 
-def _mismatch_message(
-    npz_path: str, prefix: str, wrong: list[str], missing: list[str], towers: list[str] | None
-) -> str:
-    lines = [f"big_vision checkpoint {npz_path} (prefix {prefix!r}) does not fit this model:"]
-    lines += [f"  {w}" for w in wrong]
+def mismatch_message(header: str, wrong: list[str], missing: list[str], hints: list[str]) -> str:
+    """One report for a checkpoint that does not fit: wrong shapes, missing names, how to fix it."""
+    lines = [header] + [f"  {w}" for w in wrong]
     if missing:
         more = " ..." if len(missing) > 8 else ""
         lines.append(f"  not found in checkpoint ({len(missing)}): {missing[:8]}{more}")
-    lines.append(
-        "  To keep the initialisation of such parameters (e.g. a new head), add regexes for their paths to "
+    return "\n".join(lines + [f"  {h}" for h in hints])
+
+
+def _mismatch_message(
+    npz_path: str, prefix: str, wrong: list[str], missing: list[str], towers: list[str] | None
+) -> str:
+    hints = [
+        "To keep the initialisation of such parameters (e.g. a new head), add regexes for their paths to "
         "dont_load (re.fullmatch), e.g. dont_load=['head/.*']."
-    )
+    ]
     if towers is not None:
-        lines.append(
-            f"  No checkpoint name maps under prefix {prefix!r}; ViT towers in the file: {towers}"
+        hints.append(
+            f"No checkpoint name maps under prefix {prefix!r}; ViT towers in the file: {towers}"
         )
-    return "\n".join(lines)
+    header = f"big_vision checkpoint {npz_path} (prefix {prefix!r}) does not fit this model:"
+    return mismatch_message(header, wrong, missing, hints)
 
 
 def _match(target: dict, mapped: dict, dont_load: Sequence[str], full: Any, grid: Any) -> tuple:

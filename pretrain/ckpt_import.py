@@ -362,22 +362,18 @@ def _match(
 def _mismatch_message(
     path: str, fmt: str, prefix: str, wrong: list, missing: list, towers: bool
 ) -> str:
-    lines = [f"checkpoint {path} ({fmt} format, prefix {prefix!r}) does not fit this model:"]
-    lines += [f"  {w}" for w in wrong]
-    if missing:
-        more = " ..." if len(missing) > 8 else ""
-        lines.append(f"  not found in checkpoint ({len(missing)}): {missing[:8]}{more}")
-    lines.append(
-        "  Fix: configure the model like the checkpoint (width, mlp_dim, vocab_size, norm, use_bias, image "
+    hints = [
+        "Fix: configure the model like the checkpoint (width, mlp_dim, vocab_size, norm, use_bias, image "
         "resolution via grid=...), or keep the init of such parameters with dont_load regexes (re.fullmatch on "
         "the model's paths, e.g. dont_load=['img/head/.*'])."
-    )
+    ]
     if towers and fmt in _WHERE_IMG:
-        lines.append(
-            f"  This file holds two towers; its image tower alone goes into a ViT (e.g. a classifier's 'img') "
+        hints.append(
+            f"This file holds two towers; its image tower alone goes into a ViT (e.g. a classifier's 'img') "
             f"with prefix={_WHERE_IMG[fmt]!r}, dst_prefix='img'."
         )
-    return "\n".join(lines)
+    header = f"checkpoint {path} ({fmt} format, prefix {prefix!r}) does not fit this model:"
+    return bv_import.mismatch_message(header, wrong, missing, hints)
 
 
 def load_into(
