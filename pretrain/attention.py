@@ -135,6 +135,7 @@ def _attention_command(args: argparse.Namespace) -> int:
     from pretrain import decode, runs
 
     run = runs.load_run(args.checkpoint)
+    runs.require_captioner(run)
     model, params = run.task.model, run.params
     size = runs.image_size(params, run.config)
     images = runs.load_images(args.images, size)

@@ -51,10 +51,7 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
         raise ValueError(
             f"the run in {args.checkpoint!r} has no config.tokenizer: pass --tokenizer PATH.model"
         )
-    if not hasattr(run.task, "model") or not hasattr(run.task.model, "txt_kw"):
-        raise ValueError(
-            f"{args.checkpoint!r} is a {run.config.task!r} run, not a CapPa captioner."
-        )
+    runs.require_captioner(run)
     size = args.image_size or runs.image_size(run.params, run.config)
     images = runs.load_images(
         args.images, size

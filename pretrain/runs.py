@@ -148,3 +148,9 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
             raise ValueError(f"cannot read image {path!r}: {e}") from None
         out[i] = np.asarray(pixels, np.float32) / 127.5 - 1.0
     return out
+
+
+def require_captioner(run: LoadedRun) -> None:
+    """Caption/attention commands need a CapPa run; anything else gets a clear error, not an AttributeError."""
+    if not hasattr(run.task, "model") or not hasattr(run.task.model, "txt_kw"):
+        raise ValueError(f"{run.workdir!r} is a {run.config.task!r} run, not a CapPa captioner.")

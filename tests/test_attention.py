@@ -79,3 +79,15 @@ def test_register_and_cross_maps_pick_the_right_entries():
     cross = np.random.default_rng(2).random((b, h, 3, n + REG)).astype(np.float32)
     cm = attention.cross_maps(jnp.asarray(cross), (2, 2))
     np.testing.assert_allclose(cm[0, 2].ravel(), cross.mean(1)[0, 2, :n], rtol=1e-6)
+
+
+def test_caption_commands_refuse_a_run_that_is_not_a_captioner(tiny_config):
+    from pretrain import runs
+    from tasks import classify
+
+    run = runs.LoadedRun(
+        workdir="some/run", step=1, config=tiny_config, task=classify.Task(tiny_config),
+        params={}, tokenizer=None,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'some/run' is a 'classify' run, not a CapPa captioner"):
+        runs.require_captioner(run)
