@@ -173,7 +173,8 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, xq, xkv):
+    def __call__(self, xq, xkv, mask=None):
+        """``mask``: broadcastable to [B, heads, Q, K], True = may attend; None attends everywhere."""
         width = xq.shape[-1]
         if width % self.num_heads:
             raise ValueError(f"width {width} not divisible by num_heads {self.num_heads}")
@@ -186,7 +187,7 @@ class Attention(nn.Module):
             name=name,
         )
         q, k, v = dense("query")(xq), dense("key")(xkv), dense("value")(xkv)
-        y, probs = dot_product_attention(q, k, v, None, self.dtype)
+        y, probs = dot_product_attention(q, k, v, mask, self.dtype)
         self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
@@ -274,6 +275,7 @@ class Encoder(nn.Module):
     block_kwargs: Mapping[str, Any]
     scan: bool = False
     remat_policy: str = "none"
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -302,12 +304,18 @@ class Encoder(nn.Module):
         else:
             for i in range(self.depth):
                 x, _ = block_cls(**self.block_kwargs, name=f"block_{i}")(x, train)
+        if not self.final_norm:
+            return x
         kw = self.block_kwargs
         return Norm(kw["norm"], kw["use_bias"], dtype=kw["dtype"], name="norm_final")(x)
 
 
 class MAPHead(nn.Module):
-    """Multihead attention pooling: a learnt probe attends over the tokens, then a residual MLP."""
+    """Multihead attention pooling: a learnt probe attends over the tokens, then a residual MLP.
+
+    ``mask`` [B, T] bool (True = a real token) hides padding tokens from the probe, so a batch of
+    token sequences padded to one length pools exactly like each sequence alone.
+    """
 
     num_heads: int
     mlp_dim: int
@@ -317,10 +325,12 @@ class MAPHead(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, mask=None):
         probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
         probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
-        x = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(probe, x)
+        if mask is not None:
+            mask = jnp.asarray(mask, bool)[:, None, None, :]  # [B, T] -> [B, heads, Q, T]
+        x = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(probe, x, mask)
         y = Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm")(x)
         x = x + MlpBlock(self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype, name="mlp")(
             y
@@ -350,6 +360,8 @@ class ViT(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32  # compute dtype; params are always float32
+    # False: aux["encoded"] is the raw residual stream (probes of an intermediate block read it).
+    final_norm: bool = True
 
     @nn.compact
     def __call__(self, image, *, train: bool = False):
@@ -409,7 +421,7 @@ class ViT(nn.Module):
             dtype=self.dtype,
         )
         x = aux["encoded"] = Encoder(
-            self.depth, block_kwargs, self.scan, self.remat_policy, name="encoder"
+            self.depth, block_kwargs, self.scan, self.remat_policy, self.final_norm, name="encoder"
         )(x, train)
 
         first = 1 if tok else 0

@@ -40,3 +40,18 @@ def scenes_tokenizer(data_dir, tmp_path_factory):
     data = {"name": "scenes/tiny", "split": "train", "data_dir": data_dir}
     texts = tokenizer.captions_from_dataset(data)
     return tokenizer.train_tokenizer(texts, path, vocab_size=96, model_type="bpe")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(data_dir, tmp_path_factory):
+    """A workdir of the tiny classifier trained 6 steps (checkpoint at step 6): a tower for probe tests."""
+    from transfer import config as config_lib
+    from transfer import train
+
+    config, _ = train.prepare_config(config_lib.load_config_file(TINY_CONFIG))
+    config.input.data.data_dir = data_dir
+    config.total_steps = 6
+    config.evals = {}
+    workdir = str(tmp_path_factory.mktemp("tiny_run"))
+    train.train(config, workdir)
+    return workdir

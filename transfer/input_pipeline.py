@@ -15,7 +15,10 @@ dropped by `ignore_errors`; each kept example carries its stream index, so the n
 is exact: raw records consumed minus examples returned.
 
 `input.data.name="img2dataset"` reads image-caption shards instead of TFDS (transfer/shards.py),
-with the same stream, seeds, resume and skipping.
+with the same stream, seeds, resume and skipping. Any other source plugs in by import string,
+`input.data.source="package.module:Class"`: `Class(data_cfg)` with `num_examples(index, count)`
+and `dataset(index, count)` (this host's raw examples in a fixed order, a tf.data.Dataset of
+dicts); e.g. cached tower features (pretrain/features.py).
 """
 
 from __future__ import annotations
@@ -79,7 +82,12 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str) -> str:
 def get_builder(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder | shards.ShardSource:
     """The TFDS builder of `data_cfg.name`; embedded datasets are prepared on first use,
     any other unprepared dataset raises DataNotPreparedError at once (no download).
-    `name="img2dataset"` gives the resolved shards instead (see transfer/shards.py)."""
+    `name="img2dataset"` gives the resolved shards instead (see transfer/shards.py), and
+    `source="module:Class"` an instance of that class (see the module docstring)."""
+    if data_cfg.get("source"):
+        from transfer import registry
+
+        return registry.import_object(str(data_cfg["source"]))(data_cfg)
     if shards.is_shards(data_cfg):
         return shards.ShardSource(data_cfg)
     embedded = _embedded_names()
@@ -127,7 +135,7 @@ def num_examples(
 
 
 def _host_count(builder: Any, data_cfg: Mapping[str, Any], index: int, count: int) -> int:
-    if isinstance(builder, shards.ShardSource):
+    if not isinstance(builder, tfds.core.DatasetBuilder):  # img2dataset shards, a plugin source.
         return builder.num_examples(index, count)
     return builder.info.splits[_host_split(data_cfg, index, count)].num_examples
 
@@ -168,8 +176,8 @@ def _raw_dataset(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Datas
 
 
 def _host_raw(builder: Any, data_cfg: Mapping[str, Any], index: int, count: int) -> tf.data.Dataset:
-    """This host's raw examples in file order (TFDS or img2dataset shards)."""
-    if isinstance(builder, shards.ShardSource):
+    """This host's raw examples in file order (TFDS, img2dataset shards or a plugin source)."""
+    if not isinstance(builder, tfds.core.DatasetBuilder):
         return builder.dataset(index, count)
     return _raw_dataset(builder, _host_split(data_cfg, index, count))
 

@@ -412,4 +412,7 @@ def run_loop(run: Run) -> RunResult:
         stop.uninstall()
         writer.close()
         mngr.close()
+    # Optional task hook: reports a person reads (tables, plots) from the finished run's metrics.jsonl.
+    if step == total and hasattr(run.task, "finalize") and jax.process_index() == 0:
+        run.task.finalize(workdir)
     return RunResult(last_row, tree.merge(state["params"], state["frozen"]))
