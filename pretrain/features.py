@@ -236,8 +236,11 @@ def compute(
             raise ValueError(
                 f"pp {pp!r} must produce 'image' and {label_key!r}; it gives {sorted(batch)}."
             )
-        out = step_fn(params, sharding.put_batch({"image": batch["image"]}, batch_sh)["image"])
-        feats.append(_gather(out, count))
+        # Kept on device until the end: dispatch is asynchronous, so the tower runs while the
+        # input pipeline prepares the next batch.
+        feats.append(
+            step_fn(params, sharding.put_batch({"image": batch["image"]}, batch_sh)["image"])
+        )
         labels.append(_gather_host(np.asarray(batch[label_key]), count))
         masks.append(_gather_host(batch["_mask"], count))
         done += 1
@@ -249,6 +252,7 @@ def compute(
     if not feats:
         raise ValueError(f"{dict(data)} produced no examples.")
     # Rows are [batch][host][local row]; the split's order is host slices one after another.
+    feats = [_gather(x, count) for x in feats]
     order = lambda xs: np.concatenate([np.concatenate([x[h] for x in xs]) for h in range(count)])
     keep = order(masks) > 0
     return order(feats)[keep], order(labels)[keep].astype(np.int64)
