@@ -10,10 +10,11 @@ import pytest
 import tensorflow_datasets as tfds
 
 import transfer.datasets
-from transfer.datasets import render, scenes, scenes_ocr, scenes_vqa
+from transfer.datasets import digits, render, scenes, scenes_ocr, scenes_vqa
 from transfer.datasets.render import SplitSizesConfig
 
 SPLITS = ("train", "validation", "test")
+RENDERED = ("scenes", "scenes_vqa", "scenes_ocr")  # The builders with `tiny` configs.
 
 
 def _decode(value):
@@ -45,15 +46,15 @@ def data_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def built(data_dir) -> dict[str, dict[str, list[dict]]]:
-    """Every embedded dataset, tiny config, loaded: {name: {split: examples}}."""
+    """Every rendered dataset, tiny config, loaded: {name: {split: examples}}."""
     return {
         name: {split: _load(_prepare(name, data_dir), split) for split in SPLITS}
-        for name in transfer.datasets.EMBEDDED
+        for name in RENDERED
     }
 
 
 def test_embedded_names_are_registered():
-    assert transfer.datasets.EMBEDDED == ("scenes", "scenes_vqa", "scenes_ocr")
+    assert transfer.datasets.EMBEDDED == RENDERED + ("digits",)
     for name in transfer.datasets.EMBEDDED:
         assert tfds.builder_cls(name).VERSION == tfds.core.Version("1.0.0")
 
@@ -196,3 +197,66 @@ def test_ocr_rendering_depends_on_the_text():
     first = scenes_ocr.render_text("cat", 16, np.random.default_rng(0))
     second = scenes_ocr.render_text("dog", 16, np.random.default_rng(0))
     assert np.abs(first.astype(int) - second.astype(int)).max() > 50
+
+
+# ---------------------------------------------------------------------------------------------- digits
+@pytest.fixture(scope="module")
+def digits_built(data_dir) -> dict[str, list[dict]]:
+    """Both splits of `digits` in stored order (the permutation order)."""
+    builder = _prepare("digits", data_dir, config=None)
+    return {
+        split: list(tfds.as_numpy(builder.as_dataset(split=split))) for split in ("train", "test")
+    }
+
+
+@pytest.fixture(scope="module")
+def sklearn_digits():
+    from sklearn.datasets import load_digits
+
+    return load_digits()
+
+
+def test_digits_split_sizes(digits_built, data_dir):
+    assert {split: len(examples) for split, examples in digits_built.items()} == {
+        "train": 1297,
+        "test": 500,
+    }
+    splits = tfds.builder("digits", data_dir=str(data_dir)).info.splits
+    assert splits["train"].num_examples == 1297 and splits["test"].num_examples == 500
+
+
+def test_digits_permutation_is_fixed():
+    """Known answer: the permutation must not depend on the machine or the numpy version."""
+    order = digits.split_permutation()
+    assert order[:6].tolist() == [1081, 1707, 927, 713, 262, 182]
+    assert order[-3:].tolist() == [1653, 559, 684]
+    assert sorted(order.tolist()) == list(range(1797))
+    np.testing.assert_array_equal(order, digits.split_permutation())
+
+
+def test_digits_equal_sklearn_through_the_permutation(digits_built, sklearn_digits):
+    order = digits.split_permutation()
+    expected_rows = {"train": order[500:], "test": order[:500]}
+    for split, examples in digits_built.items():
+        rows = np.array([ex["index"] for ex in examples])
+        np.testing.assert_array_equal(rows, expected_rows[split])
+        labels = np.array([ex["label"] for ex in examples])
+        np.testing.assert_array_equal(labels, sklearn_digits.target[rows])
+        images = np.stack([ex["image"] for ex in examples])
+        assert images.shape == (len(examples), 8, 8, 3) and images.dtype == np.uint8
+        grey = np.round(sklearn_digits.images[rows] * 255 / 16)  # counts 0..16 -> 0..255
+        for channel in range(3):
+            np.testing.assert_array_equal(images[..., channel], grey)
+    assert set(expected_rows["train"]).isdisjoint(expected_rows["test"])
+
+
+def test_digits_every_class_in_both_splits(digits_built):
+    for split, examples in digits_built.items():
+        counts = collections.Counter(int(ex["label"]) for ex in examples)
+        assert sorted(counts) == list(range(10))
+        assert min(counts.values()) >= (40 if split == "test" else 110), (split, counts)
+
+
+def test_digits_rejects_counts_out_of_range():
+    with pytest.raises(ValueError, match="0..16"):
+        digits.to_image(np.full(64, 17))

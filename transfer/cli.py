@@ -24,6 +24,7 @@ COMMANDS = {
     "info": ("pretrain.info:main", "parameter counts and FLOPs of a config (nothing allocated)"),
     "caption": ("pretrain.caption:main", "caption images with a trained CapPa run"),
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
+    "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
 }
 
 

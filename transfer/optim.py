@@ -1,4 +1,4 @@
-"""Optimizers by name, schedules, and regex rules for freezing and lr / weight-decay multipliers.
+"""Optimizers by name, schedules, and regex rules for freezing, lr / weight-decay multipliers and layer-wise lr decay.
 
 The update of a trainable parameter p with optimizer direction d (d = -gradient for sgd, the Adam step for adam, ...) is
 
@@ -12,6 +12,7 @@ before the optimizer ever sees them: they get no state and no gradient.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -105,9 +106,59 @@ def resolve_rules(params: Mapping, config: Any) -> ParamRules:
     schedules = [None if s is None else dict(s) for _, s in rules]
     lr_rules = tree.check_rules(config.get("lr_mults"), "lr_mults")
     wd_rules = tree.check_rules(config.get("wd_mults"), "wd_mults")
-    lr_mult = {p: float(tree.first_match(p, lr_rules, 1.0)) for p in paths}
-    wd_mult = {p: float(tree.first_match(p, wd_rules, 0.0)) for p in paths}
+    lr_mult = {p: _multiplier(p, lr_rules, 1.0, "lr_mults") for p in paths}
+    wd_mult = {p: _multiplier(p, wd_rules, 0.0, "wd_mults") for p in paths}
     return ParamRules(schedule_index, schedules, lr_mult, wd_mult)
+
+
+def _multiplier(path: str, rules: list[tuple[str, Any]], default: float, name: str) -> float:
+    """A rule's number; a rule whose value is a string rejects the parameters it matches, with
+    that string as the reason (how `layerwise_lr_mults` refuses a scanned encoder)."""
+    value = tree.first_match(path, rules, default)
+    if isinstance(value, str):
+        raise ValueError(f"config.{name} rejects parameter '{path}': {value}")
+    return float(value)
+
+
+_SCANNED = (
+    "layer-wise lr decay needs model.scan=False: a scanned encoder stacks all blocks in one array "
+    "per parameter, which per-layer path rules cannot address."
+)
+_DEEPER = (
+    "the tower has more blocks than the depth={} given to layerwise_lr_mults; pass its model.depth."
+)
+
+
+def layerwise_lr_mults(
+    depth: int, decay: float, prefix: str = "img"
+) -> list[tuple[str, float | str]]:
+    """`config.lr_mults` rules for layer-wise lr decay of the ViT tower under `prefix` (BEiT's convention).
+
+    Layer ids: 0 = the stem (`embedding`, `pos_embedding`, `cls`, `registers`), block i = i + 1, and everything
+    after the encoder (`encoder/norm_final`, `map`, the task's head) = depth + 1. A parameter of layer id k gets
+    `decay ** (depth + 1 - k)`: the head trains at the full lr, each block below it `decay` times slower. The
+    last group needs no rule (unmatched parameters keep 1.0), so rules appended after these still apply.
+
+    Rules with string values make `resolve_rules` fail clearly instead of silently giving 1.0 to blocks that
+    these rules cannot address: a scanned encoder (`encoder/blocks/...`, one array stacking all layers; set
+    model.scan=False) and blocks beyond `depth` (pass the tower's depth). A tower with fewer blocks than `depth`
+    is not detected: its stem just decays more.
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+        raise ValueError(
+            f"layerwise_lr_mults: depth must be a positive int (model.depth), got {depth!r}"
+        )
+    if not 0.0 < decay <= 1.0:
+        raise ValueError(f"layerwise_lr_mults: decay must lie in (0, 1], got {decay!r}")
+    prefix = prefix.strip("/")
+    pre = re.escape(prefix) + "/" if prefix else ""
+    rules: list[tuple[str, float | str]] = [
+        (f"{pre}(embedding/.*|pos_embedding|cls|registers)", float(decay ** (depth + 1)))
+    ]
+    rules += [(f"{pre}encoder/block_{i}/.*", float(decay ** (depth - i))) for i in range(depth)]
+    rules.append((rf"{pre}encoder/block_\d+/.*", _DEEPER.format(depth)))
+    rules.append((f"{pre}encoder/blocks/.*", _SCANNED))
+    return rules
 
 
 # ---------------------------------------------------------------------------------------------- optimizer
