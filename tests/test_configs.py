@@ -14,6 +14,12 @@ CONFIGS = {
     "cappa_tiny.py": [None, "cap", "cap,tokenizer=other.model"],
     "cappa_l16.py": [None, "tokenizer=t.model,shards=s/*.tar"],
     "cappa_b16.py": [None],
+    "linear_probe.py": [
+        None,
+        "head=map",
+        "cached,checkpoint=w",
+        "head=map,cached=True,dataset=digits",
+    ],
     "finetune.py": [
         None,
         "dataset=digits,layer_decay=0.6",
