@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--data_dir", default=None, help="TFDS data_dir (default: a temporary one)")
     args = parser.parse_args()
     data_dir = args.data_dir or tempfile.mkdtemp(prefix="bench_tfds_")
-    data = {"name": "scenes", "split": "validation", "data_dir": data_dir}
+    data = {"name": "scenes", "split": "train", "data_dir": data_dir}
     runs = [("tiny_64px", 1024 if not args.quick else 256)]
     if not args.quick:
         runs.append(("s16_224px", 256))
