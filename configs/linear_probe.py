@@ -1,16 +1,17 @@
 """A trained linear (or MAP) probe with a weight-decay sweep on a frozen image tower (tasks/linear_probe.py).
 
-  cappa train --config configs/linear_probe.py --workdir DIR --config.model_init=TOWER_WORKDIR
-  cappa train --config configs/linear_probe.py:head=map,dataset=digits --workdir DIR --config.model_init=...
-  cappa train --config configs/linear_probe.py:cached,checkpoint=TOWER_WORKDIR --workdir DIR
+  cappa train --config configs/linear_probe.py:checkpoint=TOWER_WORKDIR --workdir DIR
+  cappa train --config configs/linear_probe.py:head=map,dataset=digits,checkpoint=TOWER_WORKDIR --workdir DIR
+  cappa train --config configs/linear_probe.py:cached=False --workdir DIR --config.model_init=TOWER_WORKDIR
 
-args: head=linear|map; cached (train on features extracted once and cached on disk, no tower in the run; the
-tower is then input.data.checkpoint, set by checkpoint=... or --config.input.data.checkpoint=...);
-dataset=scenes|digits; checkpoint=TOWER_WORKDIR (live: the same as --config.model_init).
-The tower defaults to configs/cappa_tiny.py's image tower (64x64 images); another tower needs its config in
---config.model.* (live mode; a workdir tower in cached mode brings its own). Training uses 90% of the train
-split, the wd is chosen on the other 10%, and the chosen head is reported on the test split; WORKDIR/probe.md
-and probe.json hold the numbers and the protocol. Minutes on 2 CPU cores.
+args: head=linear|map; dataset=scenes|digits; checkpoint=TOWER_WORKDIR (default workdirs/cappa_tiny);
+cached=True (the default: the tower is frozen and the pp has no augmentation, so features are extracted once,
+cached on disk and the run holds no tower; the tower is input.data.checkpoint) or cached=False (the tower runs
+live in every step, loaded by model_init: what a pp with augmentation needs).
+Live mode builds the tower from --config.model.* (default: configs/cappa_tiny.py's image tower, 64x64 images);
+in cached mode a workdir tower brings its own config. Training uses 90% of the train split, the wd is chosen on
+the other 10%, and the chosen head is reported on the test split; WORKDIR/probe.md and probe.json hold the
+numbers and the protocol. Minutes on 2 CPU cores.
 """
 
 import ml_collections
@@ -37,17 +38,18 @@ def _flag(value) -> bool:
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, head="linear", cached=False, dataset="scenes", checkpoint=None)
+    # The tower is frozen and the pp has no augmentation, so by default the probe trains on cached features.
+    args = parse_arg(
+        arg, head="linear", cached=True, dataset="scenes", checkpoint="workdirs/cappa_tiny"
+    )
     if args["head"] not in ("linear", "map"):
         raise ValueError(f"head={args['head']!r}: use head=linear or head=map")
     if args["dataset"] not in DATASETS:
         raise ValueError(f"dataset={args['dataset']!r}: use one of {sorted(DATASETS)}")
     cached = _flag(args["cached"])
     num_classes, image_pp = DATASETS[args["dataset"]]
-    layer, pooling = (
-        "final",
-        "none" if args["head"] == "map" else "gap",
-    )  # MAP: all tokens + registers.
+    layer = "final"
+    pooling = "none" if args["head"] == "map" else "gap"  # MAP: all tokens, registers included.
 
     c = ml_collections.ConfigDict()
     c.task = "tasks.linear_probe"

@@ -123,7 +123,7 @@ def test_config_guards():
 
 
 @pytest.mark.parametrize(
-    "arg", [None, "head=map", "cached,checkpoint=w", "head=map,cached=True,dataset=digits"]
+    "arg", [None, "head=map,cached=False", "cached,checkpoint=w", "head=map,dataset=digits"]
 )
 def test_shipped_config_loads(arg):
     spec = os.path.join(ROOT, "configs", "linear_probe.py") + (f":{arg}" if arg else "")
@@ -134,7 +134,8 @@ def test_shipped_config_loads(arg):
         config.evals.probe.val.split == "train[90%:]" and config.input.data.split == "train[:90%]"
     )
     assert (config.features.pooling == "none") == (config.head == "map")
-    assert bool(config.input.data.get("source")) == ("cached" in (arg or "")) and task.wd_sweep
+    assert bool(config.input.data.get("source")) == ("cached=False" not in (arg or ""))
+    assert task.wd_sweep
 
 
 # ---------------------------------------------------------------------------------------------- evaluator
