@@ -130,3 +130,27 @@ def test_tower_from_a_workdir_and_the_cached_source(tiny_run, data_dir, tmp_path
     np.testing.assert_allclose(got, direct.features, rtol=1e-6)
     with pytest.raises(ValueError, match="Unknown input.data keys"):
         features.CachedSource({**cfg, "pooling_type": "gap"})
+
+
+def test_cache_misses_when_the_run_is_trained_further(tiny_run, data_dir, tmp_path):
+    """The same workdir path, a newer checkpoint: the digest (and so the cache key) follows the contents."""
+    import json
+    import shutil
+
+    import ml_collections
+
+    from transfer import train
+
+    workdir = str(tmp_path / "run")
+    shutil.copytree(tiny_run, workdir)
+    data = {"name": "scenes/tiny", "split": "validation", "data_dir": data_dir}
+    kw = dict(pp=PP, batch_size=16, cache_dir=str(tmp_path / "cache"))
+    before = features.extract(features.load_tower(workdir), data, **kw)
+    assert features.extract(features.load_tower(workdir), data, **kw).cached
+    with open(f"{workdir}/config.json") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    config.total_steps = 8  # Resumes at step 6 and writes a step-8 checkpoint.
+    train.train(config, workdir)
+    after = features.extract(features.load_tower(workdir), data, **kw)
+    assert not after.cached and after.key != before.key
+    assert not np.allclose(after.features, before.features)
