@@ -135,6 +135,9 @@ class DecoderBlock(nn.Module):
     rope: bool = False
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    # False: no cross-attention sub-layer (and no parameters for it): a text ENCODER block whose
+    # self-attention and MLP have the decoder's parameter paths, so a CapPa decoder can initialise it.
+    cross_attention: bool = True
 
     @nn.compact
     def __call__(self, x, encoded, self_mask, positions, train: bool, decode: bool):
@@ -143,7 +146,10 @@ class DecoderBlock(nn.Module):
         attn = lambda name, cross: DecoderAttention(
             self.num_heads, self.max_len, cross, self.rope and not cross, self.dtype, name=name
         )
-        for kind, kv in (("self", None), ("cross", encoded)):
+        sublayers = (
+            (("self", None), ("cross", encoded)) if self.cross_attention else (("self", None),)
+        )
+        for kind, kv in sublayers:
             y = norm(f"norm_{kind}_pre")(x)
             mask = self_mask if kind == "self" else None
             y = attn(f"{kind}_attn", kind == "cross")(y, kv, mask, positions, decode)

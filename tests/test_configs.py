@@ -20,6 +20,7 @@ CONFIGS = {
         "cached,checkpoint=w",
         "head=map,cached=True,dataset=digits",
     ],
+    "siglit.py": [None, "llip", "txt_init=scratch"],
     "finetune.py": [
         None,
         "dataset=digits,layer_decay=0.6",

@@ -25,6 +25,7 @@ COMMANDS = {
     "caption": ("pretrain.caption:main", "caption images with a trained CapPa run"),
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
     "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
+    "zeroshot": ("tasks.zeroshot:main", "top classes of images with a trained SigLiT run"),
 }
 
 
