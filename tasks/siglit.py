@@ -307,11 +307,41 @@ class Task:
         }
 
     def evaluators(self) -> dict[str, type]:
-        """Zero-shot classification and retrieval (tasks/retrieval_eval.py), when that module exists."""
-        try:
-            from tasks import retrieval_eval  # Lazy: only runs that evaluate pay for its imports.
-        except ModuleNotFoundError as e:
-            if e.name != "tasks.retrieval_eval":
-                raise
-            return {}
+        """Zero-shot classification and retrieval (tasks/retrieval_eval.py)."""
+        from tasks import retrieval_eval  # Lazy: only runs that evaluate pay for its imports.
+
         return dict(retrieval_eval.EVALUATORS)
+
+    def finalize(self, workdir: str) -> None:
+        """WORKDIR/siglit.md: the last value of every evaluator metric as a table, and the run's curves."""
+        import os
+
+        from transfer import metrics, plots
+
+        rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+        last: dict[str, Any] = {}
+        for row in rows:
+            for key, value in row.items():
+                if "/" in key and not key.startswith(("train/", "input/", "perf/")):
+                    last[key] = (row["step"], value)
+        table = [
+            {"metric": k, "step": step, "value": v}
+            for k, (step, v) in sorted(last.items())
+            if not k.endswith("seconds")
+        ]
+        model = self.config.model
+        lines = [
+            "# SigLiT from a frozen tower",
+            "",
+            f"- tower (model_init): `{self.config.get('model_init')}`",
+            f"- image head: `{model.img_head.kind}`, Llip: `{bool(model.llip.enabled)}`",
+            f"- text tower: depth {model.txt.get('depth')}, loaded unless matched by "
+            f"`{list(self.config.model_load.get('dont_load', []))}`",
+            f"- steps: {self.config.total_steps}, batch {self.config.input.batch_size}",
+            "",
+            plots.markdown_table(table, ["metric", "step", "value"]),
+            "",
+        ]
+        with open(os.path.join(workdir, "siglit.md"), "w") as f:
+            f.write("\n".join(lines))
+        plots.plot_run(workdir)

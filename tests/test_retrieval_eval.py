@@ -421,6 +421,11 @@ def test_siglit_loop_reports_both_evaluators(siglit_run):
         assert (
             ret[f"ret/{way}_recall@1"] <= ret[f"ret/{way}_recall@5"] <= ret[f"ret/{way}_recall@10"]
         )
+    # The task's finalize hook wrote the table a person reads: the last value of each metric.
+    with open(os.path.join(siglit_run, "siglit.md")) as f:
+        table = f.read()
+    assert f"| zs/prec@1 | {last['step']} | {last['zs/prec@1']:.4f} |" in table
+    assert f"| ret/i2t_recall@5 | {ret['step']} | {ret['ret/i2t_recall@5']:.4f} |" in table
 
 
 def test_cli_prints_sigmoid_probabilities_of_top_classes(siglit_run, data_dir, tmp_path, capsys):
