@@ -26,6 +26,10 @@ COMMANDS = {
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
     "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
     "zeroshot": ("tasks.zeroshot:main", "top classes of images with a trained SigLiT run"),
+    "score-captions": (
+        "tasks.caption_metrics:main",
+        "score COCO-format caption predictions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE if available)",
+    ),
 }
 
 
@@ -86,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         lines = ["usage: cappa COMMAND [args]", "", "commands:"]
-        lines += [f"  {name:10s} {help_}" for name, (_, help_) in COMMANDS.items()]
+        lines += [f"  {name:15s} {help_}" for name, (_, help_) in COMMANDS.items()]
         print("\n".join(lines))
         if argv and argv[0] not in ("-h", "--help"):
             print(f"\nerror: unknown command '{argv[0]}'", file=sys.stderr)
