@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from pretrain import cappa
-from transfer import input_pipeline, pp, pp_text, registry, sharding
+from transfer import evaluators, input_pipeline, pp, pp_text, registry, sharding
 
 # ----------------------------------------------------------------------------- core functions
 
@@ -192,13 +192,7 @@ ZEROSHOT_DEFAULTS = dict(
 PAIRWISE_DEFAULTS = dict(_COMMON, positive_key="positive", negative_key="negative")
 
 
-def _settings(eval_cfg: Mapping, defaults: Mapping, kind: str) -> dict:
-    unknown = sorted(set(eval_cfg) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"Unknown keys {unknown} for a {kind!r} evaluator; valid: {sorted(defaults)}."
-        )
-    return {**defaults, **dict(eval_cfg)}
+_settings = evaluators.settings
 
 
 class _ScoringEvaluator:

@@ -325,15 +325,10 @@ class Evaluator:
         param_shardings: Any,
     ):
         from pretrain import features
-        from transfer import input_pipeline, sharding
+        from transfer import evaluators, input_pipeline, sharding
 
         del task
-        unknown = sorted(set(eval_cfg) - set(EVAL_DEFAULTS))
-        if unknown:
-            raise ValueError(
-                f"Unknown keys {unknown} for a few-shot evaluator; valid: {sorted(EVAL_DEFAULTS)}."
-            )
-        self.cfg = {**EVAL_DEFAULTS, **dict(eval_cfg)}
+        self.cfg = evaluators.settings(eval_cfg, EVAL_DEFAULTS, "few-shot")
         cfg = self.cfg
         _check_protocol(cfg["shots"], cfg["seeds"], cfg["l2_grid"])
         if cfg["short_classes"] not in SHORT_CLASSES:

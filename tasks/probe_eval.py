@@ -123,11 +123,7 @@ class ProbeEvaluator:
         batch_sharding: jax.sharding.NamedSharding,
         param_shardings: Any,
     ):
-        unknown = set(eval_cfg) - set(PROBE_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"Unknown keys {sorted(unknown)} for a 'probe' evaluator; valid: {sorted(PROBE_DEFAULTS)}."
-            )
+        evaluators.settings(eval_cfg, PROBE_DEFAULTS, "probe")
         data = {}
         for split in ("val", "test"):
             spec = eval_cfg.get(split)

@@ -165,13 +165,7 @@ def get_first_texts(key: str = "captions/text", n: int = 5, outkey: str = "texts
 
 
 # ---------------------------------------------------------------------------------------------- evaluators
-def _settings(eval_cfg: Mapping, defaults: Mapping, kind: str) -> dict[str, Any]:
-    unknown = sorted(set(eval_cfg) - set(defaults))
-    if unknown:
-        raise ValueError(
-            f"Unknown keys {unknown} for a {kind!r} evaluator; valid: {sorted(defaults)}."
-        )
-    return {**defaults, **dict(eval_cfg)}
+_settings = evaluators.settings
 
 
 class _SplitPass(evaluators.MeanEvaluator):

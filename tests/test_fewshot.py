@@ -175,7 +175,7 @@ def test_report_files_hold_the_numbers(tmp_path):
 
 
 def test_bad_configs_fail_clearly(tmp_path, capsys):
-    with pytest.raises(ValueError, match=r"Unknown keys \['shot'\] for a few-shot evaluator"):
+    with pytest.raises(ValueError, match=r"Unknown keys \['shot'\] for a 'few-shot' evaluator"):
         fewshot.Evaluator(
             {"shot": 5}, task=None, config=None, mesh=None, batch_sharding=None, param_shardings={}
         )

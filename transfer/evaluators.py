@@ -21,6 +21,16 @@ from transfer import input_pipeline, registry, sharding
 MEAN_DEFAULTS = dict(type="mean", data=None, pp=None, batch_size=None, log_steps=None)
 
 
+def settings(eval_cfg: Mapping, defaults: Mapping, kind: str) -> dict[str, Any]:
+    """`eval_cfg` over `defaults`; a key the evaluator does not know is an error (a typo would be ignored)."""
+    unknown = sorted(set(eval_cfg) - set(defaults))
+    if unknown:
+        raise ValueError(
+            f"Unknown keys {unknown} for a {kind!r} evaluator; valid: {sorted(defaults)}."
+        )
+    return {**defaults, **dict(eval_cfg)}
+
+
 class MeanEvaluator:
     """Averages `task.eval_metrics(params, batch)` over one pass of a split (padding masked out)."""
 
@@ -34,12 +44,7 @@ class MeanEvaluator:
         batch_sharding: jax.sharding.NamedSharding,
         param_shardings: Any,
     ):
-        unknown = set(eval_cfg) - set(MEAN_DEFAULTS)
-        if unknown:
-            raise ValueError(
-                f"Unknown keys {sorted(unknown)} for a 'mean' evaluator; valid: "
-                f"{sorted(MEAN_DEFAULTS)}."
-            )
+        settings(eval_cfg, MEAN_DEFAULTS, "mean")
         data = dict(config.input.data)
         data.update(eval_cfg.get("data") or {})
         self.input_cfg = {"data": data, "pp": eval_cfg.get("pp") or config.input.pp}
