@@ -350,6 +350,7 @@ def generate(
     return_embeddings: bool = False,
     use_cache: bool = True,
     vocab_limit: int | None = None,
+    keep_on_device: bool = False,
 ) -> dict[str, np.ndarray]:
     """Captions of ``images`` [B,H,W,3] (in [-1, 1]) by ``method``; see the module docstring.
 
@@ -357,7 +358,8 @@ def generate(
     ``num_return_sequences``, best first for beam search, which also returns ``scores`` [B,R]) and
     ``encoded`` [B,N,E] (the image tower's tokens) if ``return_embeddings``. ``vocab_limit`` keeps
     generation to ids below it (a tokenizer smaller than the model's vocabulary); log-probs are then
-    those of the distribution renormalised over the allowed ids.
+    those of the distribution renormalised over the allowed ids. ``keep_on_device`` returns the jax
+    arrays as computed (``images`` may be a global array sharded over a mesh: the evaluators' path).
     """
     settings = Settings(
         method, int(max_len), int(eos_id), int(pad_id), int(top_k), float(top_p) < 1.0,
@@ -370,8 +372,10 @@ def generate(
     _check(model, images, settings, knobs, rng)
     rng = jax.random.key(0) if rng is None else rng
     knobs = {k: jnp.float32(v) for k, v in knobs.items()}
-    out = compiled(model, settings)(params, jnp.asarray(images, jnp.float32), rng, knobs)
-    return jax.device_get(out)
+    if not isinstance(images, jax.Array) or images.dtype != jnp.float32:
+        images = jnp.asarray(images, jnp.float32)
+    out = compiled(model, settings)(params, images, rng, knobs)
+    return out if keep_on_device else jax.device_get(out)
 
 
 def captions(

@@ -168,7 +168,7 @@ def get_first_texts(key: str = "captions/text", n: int = 5, outkey: str = "texts
 _settings = evaluators.settings
 
 
-class _SplitPass(evaluators.MeanEvaluator):
+class SplitPass(evaluators.MeanEvaluator):
     """One pass over the eval split with MeanEvaluator's batching and host padding; only `keys` (and
     `_mask`) of a batch are kept (strings never go to the devices)."""
 
@@ -236,7 +236,7 @@ class ZeroShotEmbedEvaluator(_EmbeddingEvaluator):
         super().__init__(eval_cfg, **kwargs)
         cfg, task = self.cfg, self.task
         self.label_key = cfg["label_key"]
-        self.images = _SplitPass(cfg, ("image", self.label_key), self.KIND, **self.kwargs)
+        self.images = SplitPass(cfg, ("image", self.label_key), self.KIND, **self.kwargs)
         self.class_names = zeroshot.resolve_class_names(cfg, self.images.input_cfg["data"])
         self.templates = zeroshot.resolve_templates(cfg)
         prompts = scoring.class_prompts(self.class_names, self.templates)
@@ -314,7 +314,7 @@ class RetrievalEvaluator(_EmbeddingEvaluator):
             )
         texts = f"first_texts(key={cfg['caption_key']!r}, n={n}, outkey='texts')"
         full_pp = f"{cfg['pp']}|flatten|{texts}|keep('image', 'texts')"
-        self.pass_ = _SplitPass(dict(cfg, pp=full_pp), ("image", "texts"), self.KIND, **self.kwargs)
+        self.pass_ = SplitPass(dict(cfg, pp=full_pp), ("image", "texts"), self.KIND, **self.kwargs)
         self.image_chunk = self.check_multiple(
             cfg["image_chunk"] or self.pass_.batch_size, "image_chunk"
         )

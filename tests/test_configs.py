@@ -14,6 +14,7 @@ CONFIGS = {
     "cappa_tiny.py": [None, "cap", "cap,tokenizer=other.model"],
     "cappa_l16.py": [None, "tokenizer=t.model,shards=s/*.tar"],
     "cappa_b16.py": [None],
+    "caption_coco.py": [None, "decoder=scratch,tower=0.1", "tower=finetune,method=beam", "data=coco"],
     "linear_probe.py": [
         None,
         "head=map",

@@ -26,6 +26,10 @@ COMMANDS = {
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
     "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
     "zeroshot": ("tasks.zeroshot:main", "top classes of images with a trained SigLiT run"),
+    "score-vqa": (
+        "tasks.vqa_metrics:main",
+        "score VQAv2-format answers with the official VQA accuracy (overall, per answer type)",
+    ),
     "score-captions": (
         "tasks.caption_metrics:main",
         "score COCO-format caption predictions (BLEU, METEOR, ROUGE-L, CIDEr, SPICE if available)",

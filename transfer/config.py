@@ -53,6 +53,7 @@ def engine_defaults() -> ml_collections.ConfigDict:
     c.ckpt_steps = 100
     c.keep_ckpts = 3
     c.evals = dict()  # name -> dict(type=..., data=..., pp=..., log_steps=...).
+    c.eval_at_start = False  # Also run every evaluator on the initial params (a step-0 row).
     # Mesh axes, product = #devices; -1 takes the remaining devices.
     c.mesh = [("data", -1)]
     c.batch_axes = None  # Mesh axes the batch is split over; None = all of them.

@@ -47,6 +47,8 @@ def plot_run(workdir: str, keys: Sequence[str] | None = None, out_name: str = "c
 
 def markdown_table(rows: Sequence[dict], columns: Sequence[str]) -> str:
     def fmt(v):
+        if v is None:
+            return "-"
         return f"{v:.4f}" if isinstance(v, float) else str(v)
 
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

@@ -270,14 +270,20 @@ def _model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -
     return jax.device_put(loaded, param_sh), counts
 
 
-def _run_evals(evals: dict, state: dict, step: int, total: int) -> dict:
+def _run_evals(
+    evals: dict, state: dict, step: int, total: int, workdir: str, every_one: bool = False
+) -> dict:
+    """Due evaluators (all of them at the last step, or with `every_one`); an evaluator with a
+    `write(workdir, step, name)` method then writes its files (predictions, samples) on process 0."""
     out = {}
     for name, (evaluator, every) in evals.items():
-        if step == total or (every and step % every == 0):
+        if every_one or step == total or (every and step % every == 0):
             t0 = time.perf_counter()
             results = evaluator.run(tree.merge(state["params"], state["frozen"]))
             out.update({f"{name}/{k}": v for k, v in results.items()})
             out[f"{name}/seconds"] = time.perf_counter() - t0
+            if hasattr(evaluator, "write") and jax.process_index() == 0:
+                evaluator.write(workdir, step, name)
     return out
 
 
@@ -360,6 +366,8 @@ def run_loop(run: Run) -> RunResult:
     window_start = time.perf_counter()
     try:
         perf = _measure_perf(run, state, first_batch) if config.log_flops else None
+        if config.eval_at_start and start_step == 0 and evals:  # The "before" row of the run.
+            writer.write(0, _run_evals(evals, state, 0, total, workdir, every_one=True))
         while step < total:
             if batch is None:
                 t0 = time.perf_counter()
@@ -392,7 +400,7 @@ def run_loop(run: Run) -> RunResult:
                 window_start, input_wait = time.perf_counter(), 0.0
                 row.update(data_iter.stats())
                 _check_finite(state, mngr, workdir)
-            row.update(_run_evals(evals, state, step, total))
+            row.update(_run_evals(evals, state, step, total, workdir))
             if row:
                 last_row = writer.write(step, row)
                 if is_log:

@@ -1,0 +1,123 @@
+"""Caption fine-tune (tasks/caption.py) of a CapPa run, scored with the COCO metrics.
+
+  cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny          # the CapPa run
+  cappa train --config configs/caption_coco.py --workdir workdirs/caption           # embedded scenes
+  cappa train --config configs/caption_coco.py:decoder=scratch --workdir DIR        # LiT-decoder
+  cappa train --config configs/caption_coco.py:data=coco,arch=b16,init=gs://B/cappa_b16,tokenizer=gs://B/c4.model \
+      --workdir gs://B/caption_coco
+
+args (comma-separated):
+  data=scenes (default: the embedded captions, 5 per image) | coco: TFDS `coco_captions` (Karpathy splits:
+      train = train+restval, `val` evaluated during training, `test` at the end; `tfds build coco_captions`).
+  arch=tiny (default for scenes) | b16 (default for coco) | l16: the architecture of configs/cappa_<arch>.py,
+      which must be the init run's.
+  init=PATH: the CapPa run (workdir, or a big_vision `.npz` read by pretrain/ckpt_import.py); default
+      workdirs/cappa_<arch>.
+  tower=frozen (default) | finetune | a float (fine-tuned with that lr multiplier, e.g. tower=0.1).
+  decoder=cappa (default: loaded from init) | scratch (a new decoder on the tower: "LiT-decoder").
+  tokenizer=PATH: default configs/cappa_<arch>.py's (the one the CapPa run was trained with).
+  method=greedy (default) | beam: decoding for the caption evaluator (beam size 4).
+
+Collapse check (BRIEF.md: captioning fine-tunes destroy zero-shot ability): `eval_at_start=True` runs every
+evaluator on the loaded weights too, and caption.md puts the few-shot probe and caption-scoring zero-shot
+before and after side by side.
+"""
+
+import importlib
+
+import ml_collections
+
+from configs.common import parse_arg
+
+ARCHS = {"tiny": 64, "b16": 224, "l16": 256}  # config module -> image resolution
+TOWER_MODES = ("frozen", "finetune")
+DECODERS = ("cappa", "scratch")
+
+
+def _arch(name):
+    if name not in ARCHS:
+        raise ValueError(f"arch={name!r}: use one of {sorted(ARCHS)}")
+    return importlib.import_module(f"configs.cappa_{name}").get_config(), ARCHS[name]
+
+
+def _schedule(tower, warmup):
+    cosine = dict(decay_type="cosine", warmup_steps=warmup)
+    if tower == "frozen":
+        return [("img/.*", None), (".*", cosine)], []  # no gradient, no optimizer state for img/
+    if tower == "finetune":
+        return cosine, []
+    try:
+        return cosine, [("img/.*", float(tower))]
+    except ValueError:
+        raise ValueError(
+            f"tower={tower!r}: use frozen, finetune or an lr multiplier such as 0.1"
+        ) from None
+
+
+def get_config(arg=None):
+    args = parse_arg(
+        arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", tokenizer=None,
+        method="greedy",
+    )  # fmt: skip
+    coco = args["data"] == "coco"
+    if args["data"] not in ("scenes", "coco"):
+        raise ValueError(f"data={args['data']!r}: use scenes or coco")
+    if args["decoder"] not in DECODERS:
+        raise ValueError(f"decoder={args['decoder']!r}: use one of {DECODERS}")
+    arch = args["arch"] or ("b16" if coco else "tiny")
+    pretrain, res = _arch(arch)
+    tokenizer = args["tokenizer"] or pretrain.tokenizer
+    max_len = int(pretrain.model.txt.max_len)
+
+    c = ml_collections.ConfigDict()
+    c.task = "tasks.caption"
+    c.seed = 0
+    c.tokenizer = tokenizer
+    c.model = pretrain.model.to_dict()
+    c.model_init = args["init"] or f"workdirs/cappa_{arch}"
+    c.model_load = dict(dont_load=["txt/.*"] if args["decoder"] == "scratch" else [])
+
+    name, train_split, val_split, test_split = (
+        ("coco_captions", "train+restval", "val", "test") if coco
+        else ("scenes", "train", "validation", "test")
+    )  # fmt: skip
+    image_pp = f"decode|resize({res})|value_range(-1, 1)"
+    c.input = dict(
+        data=dict(name=name, split=train_split),
+        batch_size=256 if coco else 64,
+        # One of the image's reference captions, drawn anew per example and step.
+        pp=(
+            f"{image_pp}|flatten|choice(key='captions/text', outkey='text')"
+            f"|tokenize(max_len={max_len}, model='{tokenizer}', key='text', outkey='labels')"
+            "|keep('image', 'labels')"
+        ),
+        shuffle_buffer_size=50_000 if coco else 5_000,
+    )
+    c.total_steps = 10_000 if coco else 600
+    c.optax_name = "adamw"
+    c.lr = 1e-4 if coco else 1e-3
+    c.wd = 1e-4
+    c.schedule, c.lr_mults = _schedule(args["tower"], 500 if coco else 50)
+    c.grad_clip_norm = 1.0
+    c.log_training_steps = 50
+    c.ckpt_steps = 1_000 if coco else 300
+
+    c.eval_at_start = True  # the "before" row of the collapse check
+    log = 2_000 if coco else 300
+    caption = dict(
+        type="caption", pp=image_pp, method=args["method"], beam_size=4, constant_baseline=not coco
+    )
+    c.evals = dict(
+        val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
+        caption=dict(caption, data=dict(split=val_split), log_steps=log),
+        # The collapse check: the tower's few-shot probe and caption-scoring zero-shot, before and after.
+        fewshot=dict(
+            type="tasks.fewshot:Evaluator", datasets=("imagenet2012",) if coco else ("scenes",),
+            shots=(10, 25), log_steps=None,
+        ),
+    )  # fmt: skip
+    if coco:
+        c.evals.caption_test = dict(caption, data=dict(split=test_split), log_steps=None)
+    else:  # scenes class names as captions (as configs/cappa_tiny.py's zero-shot evaluator)
+        c.evals.zeroshot = dict(pretrain.evals.zeroshot.to_dict(), log_steps=None)
+    return c
