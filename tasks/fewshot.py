@@ -256,6 +256,8 @@ def dataset_specs(datasets: Any, data_dir: str | None = None) -> dict[str, dict[
     the table's entry of the same name (or must be complete). A spec without data_dir gets `data_dir`."""
     from configs import fewshot as table
 
+    if hasattr(datasets, "to_dict"):  # a ConfigDict (evals.<name>.datasets) is not a Mapping
+        datasets = datasets.to_dict()
     if isinstance(datasets, str):
         datasets = [datasets]
     if not isinstance(datasets, Mapping):

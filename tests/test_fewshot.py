@@ -265,3 +265,12 @@ def test_evaluator_needs_an_image_tower():
     assert (
         jax.device_count() == 8
     )  # The end-to-end run above is sharded over the conftest's 8 devices.
+
+
+def test_dataset_overrides_from_a_configdict_are_kept():
+    """evals.<name>.datasets arrives as a ConfigDict: its per-dataset overrides must not be dropped."""
+    import ml_collections
+
+    given = ml_collections.ConfigDict({"scenes": {"name": "scenes/tiny"}})
+    specs = fewshot.dataset_specs(given)
+    assert specs["scenes"]["name"] == "scenes/tiny" and specs["scenes"]["test_split"] == "test"

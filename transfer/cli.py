@@ -16,7 +16,7 @@ from transfer import registry
 # name -> ("module:function", help). The function takes the remaining argv.
 COMMANDS = {
     "train": ("transfer.cli:train_command", "train (or resume) a run in a workdir"),
-    "demo": ("transfer.demo:main", "run the main job on the embedded data (what `make demo` does)"),
+    "demo": ("demo.pipeline:main", "run the main job on the embedded data (what `make demo` does)"),
     "tokenizer": (
         "transfer.tokenizer:main",
         "SentencePiece models: train on a dataset's captions, encode, decode",
