@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-WORKDIR ?= workdirs/demo
+WORKDIR ?= runs/demo
 
 .PHONY: setup demo test lint bench clean
 

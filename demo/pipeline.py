@@ -288,7 +288,7 @@ def run_stages(ctx: Context, only: list[str] | None = None) -> dict[str, dict]:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cappa demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--workdir", default="workdirs/demo")
+    parser.add_argument("--workdir", default="runs/demo")
     parser.add_argument("--data_dir", default=None, help="TFDS data dir (default: TFDS's own)")
     parser.add_argument(
         "--smoke", action="store_true", help="smallest settings: the test suite's run"
