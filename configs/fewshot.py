@@ -5,7 +5,8 @@
   cappa probe --checkpoint WORKDIR --config configs/fewshot.py:scenes,cifar100 --config.shots="(1, 10)"
 
 arg: dataset names of `DATASETS` (any number), `local` (the default: the embedded `scenes` and scikit-learn's
-`digits`, prepared on this machine without a download), `big_vision` (big_vision's few-shot set: prepare those
+`digits`, prepared on this machine without a download), `scenes_factors` (the scenes label's factors one by
+one: `scenes_shape`, `scenes_color`, `scenes_count`), `big_vision` (big_vision's few-shot set: prepare those
 with `tfds build NAME` first), `data_dir=DIR` for every dataset. Per-dataset knobs are overridable, e.g.
 `--config.datasets.cifar100.train_split='train[:10000]'`.
 
@@ -42,11 +43,17 @@ DATASETS = {
     "imagenet2012": _spec("imagenet2012", "train[:65000]", "validation"),
     # Rendered shapes, 42 classes (shape x colour of the main object); 5,000 train / 500 test.
     "scenes": _spec("scenes"),
+    # The factors of the scenes label, probed one by one (what a tower has learnt: shape, colour, counting).
+    **{
+        f"scenes_{key}": _spec("scenes", pp=PP.replace("'label'", f"'{key}'"), label_key=key)
+        for key in ("shape", "color", "count")
+    },
     # scikit-learn's 8x8 handwritten digits, 10 classes; 1,297 train / 500 test.
     "digits": _spec("digits"),
 }
 PRESETS = {
     "local": ("scenes", "digits"),
+    "scenes_factors": ("scenes_shape", "scenes_color", "scenes_count"),
     "big_vision": (
         "caltech101", "cars196", "cifar100", "dtd", "oxford_iiit_pet", "uc_merced", "imagenet2012",
     ),

@@ -40,7 +40,8 @@ class Scale:
 
 
 FULL = Scale("", None, dict(probe=None, siglit=400, caption=300, vqa=None, ocr=None), 256,
-             "validation[:200]", (1, 5, 10, 25), ("scenes", "digits"))  # fmt: skip
+             "validation[:200]", (1, 5, 10, 25),
+             ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"))  # fmt: skip
 # Smoke few-shot on digits: scenes/tiny has fewer than one image per class.
 SMOKE = Scale("/tiny", 4, dict(probe=4, siglit=4, caption=4, vqa=4, ocr=4), 96, "validation",
               (1, 2), ("digits",))  # fmt: skip
