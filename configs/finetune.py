@@ -19,16 +19,14 @@ args (comma-separated, e.g. "tower=cappa_tiny,dataset=digits"):
 
 import ml_collections
 
+from configs import cappa_tiny
 from configs.common import parse_arg
 from transfer.optim import layerwise_lr_mults
 
 # The image towers of our configs (must match their runs' checkpoints exactly).
 TOWERS = {
     "classify": dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap"),
-    "cappa_tiny": dict(
-        width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=16, num_registers=4,
-        norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="map",
-    ),
+    "cappa_tiny": dict(cappa_tiny.get_config().model.img.to_dict(), pool_type="map"),
 }  # fmt: skip
 # dataset: (num_classes, train split, val split, test split, pp before value_range)
 DATASETS = {

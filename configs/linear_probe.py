@@ -16,13 +16,11 @@ numbers and the protocol. Minutes on 2 CPU cores.
 
 import ml_collections
 
+from configs import cappa_tiny
 from configs.common import parse_arg
 
 # configs/cappa_tiny.py's image tower.
-TOWER = dict(
-    width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=16, num_registers=4,
-    norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="none",
-)  # fmt: skip
+TOWER = cappa_tiny.get_config().model.img.to_dict()
 DATASETS = {  # name: (num_classes, image pp up to 64x64 in [-1, 1])
     "scenes": (42, "decode|value_range(-1, 1)|keep('image', 'label')"),
     "digits": (10, "decode|resize(64)|value_range(-1, 1)|keep('image', 'label')"),

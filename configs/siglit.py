@@ -22,18 +22,14 @@ config.evals there.
 
 import ml_collections
 
+from configs import cappa_tiny
 from configs.common import parse_arg
 
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 # configs/cappa_tiny.py's image tower and text decoder (the text tower mirrors the decoder's shapes).
-TOWER = dict(
-    width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=16, num_registers=4,
-    norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="none",
-)  # fmt: skip
-TEXT = dict(
-    vocab_size=256, depth=2, mlp_dim=384, max_len=32,
-    norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, posemb="learn", pool="eos",
-)  # fmt: skip
+_CAPPA = cappa_tiny.get_config().model.to_dict()
+TOWER = dict(_CAPPA["img"])
+TEXT = dict(_CAPPA["txt"], pool="eos")
 # Parameters a CapPa run does not have: always initialised here.
 NEW_PARAMS = ["img_head/.*", "llip/.*", "txt/proj/.*", "txt/map/.*", "t", "b"]
 TXT_INITS = ("cappa", "scratch")

@@ -1,0 +1,156 @@
+"""VQA fine-tune (tasks/vqa.py) of a CapPa run: the question as a decoder prefix, the answer generated after it.
+
+  cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny          # the CapPa run
+  cappa train --config configs/vqa.py --workdir workdirs/vqa                        # embedded scenes_vqa
+  cappa vqa --checkpoint workdirs/vqa image.png "how many shapes are there?"
+  cappa train --config configs/vqa.py:data=vqav2,arch=b16,init=gs://B/cappa_b16,tokenizer=gs://B/c4.model \
+      --workdir gs://B/vqav2
+
+args (comma-separated):
+  data=scenes (default: the embedded `scenes_vqa`, 10 answers per question) | vqav2 | textvqa | ocrvqa | gqa:
+      the TFDS builders of DATASETS below (big_vision-style feature names; build them with their builder
+      first). Everything the loader needs is a config value: name, splits, question/answer/type/id keys.
+  arch=tiny (default for scenes) | b16 (default otherwise) | l16: configs/cappa_<arch>.py's model, which
+      must be the init run's.
+  init=PATH: the CapPa run (workdir, or a big_vision `.npz`); default workdirs/cappa_<arch>.
+  tower=frozen (default) | finetune | a float (fine-tuned with that lr multiplier, e.g. tower=0.1).
+  decoder=cappa (default: loaded from init) | scratch (a new decoder on the tower).
+  answer=sample (default: one of the human answers drawn per example and step, so the target distribution
+      is the annotators') | majority (always their most frequent answer: a deterministic target).
+  tokenizer=PATH: default configs/cappa_<arch>.py's.
+
+The tiny scenes tokenizer has no digits, so on scenes answers are trained as number words
+(`spell_numbers=True`) and predictions are mapped back to digits before scoring. Collapse check:
+`eval_at_start=True`, vqa.md puts the few-shot probe and caption-scoring zero-shot before and after.
+"""
+
+import importlib
+
+import ml_collections
+
+from configs.common import parse_arg
+
+ARCHS = {"tiny": 64, "b16": 224, "l16": 256}  # config module -> image resolution
+# name -> TFDS name, (train, validation, test) splits, feature keys; None = the dataset lacks the feature.
+DATASETS = {
+    "scenes": dict(
+        name="scenes_vqa", splits=("train", "validation", "test"), question="question",
+        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
+    ),
+    "vqav2": dict(
+        name="vqa", splits=("train", "validation", "validation"), question="question_text",
+        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
+    ),
+    "textvqa": dict(
+        name="textvqa", splits=("train", "val", "val"), question="question", answers="answers",
+        answer_type=None, question_type=None, id="question_id",
+    ),
+    "ocrvqa": dict(
+        name="ocrvqa", splits=("train", "val", "test"), question="question", answers="answers",
+        answer_type=None, question_type=None, id="question_id",
+    ),
+    # One answer per question: repeated 10 times, the VQA accuracy is GQA's exact-match accuracy.
+    "gqa": dict(
+        name="gqa", splits=("train_balanced", "val_balanced", "testdev_balanced"), question="question",
+        answers="answer", answer_type=None, question_type=None, id="example_id",
+    ),
+}  # fmt: skip
+
+
+def _schedule(tower, warmup):
+    cosine = dict(decay_type="cosine", warmup_steps=warmup)
+    if tower == "frozen":
+        return [("img/.*", None), (".*", cosine)], []  # no gradient, no optimizer state for img/
+    if tower == "finetune":
+        return cosine, []
+    try:
+        return cosine, [("img/.*", float(tower))]
+    except ValueError:
+        raise ValueError(
+            f"tower={tower!r}: use frozen, finetune or an lr multiplier such as 0.1"
+        ) from None
+
+
+def get_config(arg=None):
+    args = parse_arg(
+        arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", answer="sample",
+        tokenizer=None,
+    )  # fmt: skip
+    if args["data"] not in DATASETS:
+        raise ValueError(f"data={args['data']!r}: use one of {sorted(DATASETS)}")
+    if args["decoder"] not in ("cappa", "scratch"):
+        raise ValueError(f"decoder={args['decoder']!r}: use cappa or scratch")
+    if args["answer"] not in ("sample", "majority"):
+        raise ValueError(f"answer={args['answer']!r}: use sample or majority")
+    ds, scenes = DATASETS[args["data"]], args["data"] == "scenes"
+    arch = args["arch"] or ("tiny" if scenes else "b16")
+    if arch not in ARCHS:
+        raise ValueError(f"arch={arch!r}: use one of {sorted(ARCHS)}")
+    pretrain = importlib.import_module(f"configs.cappa_{arch}").get_config()
+    res, tokenizer = ARCHS[arch], args["tokenizer"] or pretrain.tokenizer
+    max_len = int(pretrain.model.txt.max_len)
+
+    c = ml_collections.ConfigDict()
+    c.task = "tasks.vqa"
+    c.seed = 0
+    c.tokenizer = tokenizer
+    c.model = pretrain.model.to_dict()
+    c.model_init = args["init"] or f"workdirs/cappa_{arch}"
+    c.model_load = dict(dont_load=["txt/.*"] if args["decoder"] == "scratch" else [])
+    c.answer_len = 6 if scenes else 8
+    c.question_len = max_len - c.answer_len
+    c.spell_numbers = scenes  # the tiny scenes tokenizer has no digits
+
+    train_split, val_split, test_split = ds["splits"]
+    image_pp = f"decode|resize({res})|value_range(-1, 1)"
+    pick = "choice(key='answers', outkey='answer')" if args["answer"] == "sample" else (
+        "majority_answer(key='answers', outkey='answer')"
+    )  # fmt: skip
+    spell = "|spell_numbers(key='answer')" if c.spell_numbers else ""
+    c.input = dict(
+        data=dict(name=ds["name"], split=train_split),
+        batch_size=64 if scenes else 256,
+        pp=(
+            f"{image_pp}|flatten|vqa_answers(key={ds['answers']!r}, n=None, outkey='answers')"
+            f"|{pick}{spell}"
+            f"|tokenize(max_len={c.question_len}, model='{tokenizer}', key={ds['question']!r}, "
+            "outkey='prefix')"
+            f"|tokenize(max_len={c.answer_len}, model='{tokenizer}', key='answer', outkey='labels')"
+            "|keep('image', 'prefix', 'labels')"
+        ),
+        shuffle_buffer_size=5_000 if scenes else 50_000,
+    )
+    c.total_steps = 1_000 if scenes else 20_000
+    c.optax_name = "adamw"
+    c.lr = 1e-3 if scenes else 1e-4
+    c.wd = 1e-4
+    c.schedule, c.lr_mults = _schedule(args["tower"], 50 if scenes else 1_000)
+    c.grad_clip_norm = 1.0
+    c.log_training_steps = 50
+    c.ckpt_steps = 500 if scenes else 2_000
+
+    c.eval_at_start = True  # the "before" row of the collapse check
+    log = 500 if scenes else 5_000
+    vqa = dict(
+        type="vqa", pp=image_pp, question_key=ds["question"], answers_key=ds["answers"],
+        answer_type_key=ds["answer_type"], question_type_key=ds["question_type"], id_key=ds["id"],
+        majority_baseline=True,
+    )  # fmt: skip
+    c.evals = dict(
+        val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
+        vqa=dict(vqa, data=dict(split=val_split), log_steps=log),
+        fewshot=dict(
+            type="tasks.fewshot:Evaluator", datasets=("scenes",) if scenes else ("imagenet2012",),
+            shots=(10, 25), log_steps=None,
+        ),
+    )  # fmt: skip
+    if test_split != val_split:
+        c.evals.vqa_test = dict(vqa, data=dict(split=test_split), log_steps=None)
+    if (
+        scenes
+    ):  # caption-scoring zero-shot of the decoder (configs/cappa_tiny.py's), before and after
+        zeroshot = pretrain.evals.zeroshot.to_dict()
+        c.evals.zeroshot = dict(
+            zeroshot, data=dict(name="scenes", split="validation"), log_steps=None
+        )
+    return c
