@@ -14,7 +14,12 @@ CONFIGS = {
     "cappa_tiny.py": [None, "cap", "cap,tokenizer=other.model"],
     "cappa_l16.py": [None, "tokenizer=t.model,shards=s/*.tar"],
     "cappa_b16.py": [None],
-    "caption_coco.py": [None, "decoder=scratch,tower=0.1", "tower=finetune,method=beam", "data=coco"],
+    "caption_coco.py": [
+        None,
+        "decoder=scratch,tower=0.1",
+        "tower=finetune,method=beam",
+        "data=coco",
+    ],
     "linear_probe.py": [
         None,
         "head=map",
@@ -22,6 +27,8 @@ CONFIGS = {
         "head=map,cached=True,dataset=digits",
     ],
     "siglit.py": [None, "llip", "txt_init=scratch"],
+    "vqa.py": [None, "answer=majority,tower=finetune,decoder=scratch", "data=vqav2", "data=gqa"],
+    "ocr.py": [None, "strip=resize,case=keep,tower=0.1", "data=textcaps"],
     "finetune.py": [
         None,
         "dataset=digits,layer_decay=0.6",

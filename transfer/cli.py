@@ -26,6 +26,7 @@ COMMANDS = {
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
     "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
     "zeroshot": ("tasks.zeroshot:main", "top classes of images with a trained SigLiT run"),
+    "vqa": ("tasks.vqa:main", "answer questions about an image with a trained VQA run"),
     "score-vqa": (
         "tasks.vqa_metrics:main",
         "score VQAv2-format answers with the official VQA accuracy (overall, per answer type)",
