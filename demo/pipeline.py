@@ -39,7 +39,7 @@ class Scale:
     fewshot_datasets: tuple[str, ...]
 
 
-FULL = Scale("", None, dict(probe=None, siglit=400, caption=300, vqa=None, ocr=None), 256,
+FULL = Scale("", None, dict(probe=None, siglit=400, caption=300, vqa=300, ocr=300), 256,
              "validation[:200]", (1, 5, 10, 25),
              ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"))  # fmt: skip
 # Smoke few-shot on digits: scenes/tiny has fewer than one image per class.
@@ -205,6 +205,25 @@ def stage_caption(ctx: Context) -> dict:
     return run_training(ctx, "caption", spec, overrides)
 
 
+def _answer_stage(ctx: Context, stage: str, dataset: str) -> dict:
+    """VQA / OCR from the pretrained run: the task's own evaluator + perplexity (the caption stage already
+    shows the before/after of the few-shot probe and the zero-shot; here they would double the stage's time)."""
+    evals = train_config(ctx, f"configs/{stage}.py", {}).evals.to_dict()
+    kept = {name: evals[name] for name in ("val", stage)}
+    overrides = {"input.data.name": ctx.data(dataset), "model.txt.vocab_size": ctx.scale.vocab_size,
+                 "evals": kept, "eval_at_start": False, **_steps(ctx, stage)}  # fmt: skip
+    spec = f"configs/{stage}.py:init={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
+    return run_training(ctx, stage, spec, overrides)
+
+
+def stage_vqa(ctx: Context) -> dict:
+    return _answer_stage(ctx, "vqa", "scenes_vqa")
+
+
+def stage_ocr(ctx: Context) -> dict:
+    return _answer_stage(ctx, "ocr", "scenes_ocr")
+
+
 def stage_attention(ctx: Context) -> dict:
     """Register attention maps of the pretrained tower on two validation images (PNG overlays)."""
     import numpy as np
@@ -252,6 +271,8 @@ STAGES: list[Stage] = [
         stage_siglit,
     ),
     ("caption", "caption fine-tune, COCO metrics, before/after collapse check", stage_caption),
+    ("vqa", "VQA: the question as a decoder prefix, official VQA accuracy", stage_vqa),
+    ("ocr", "OCR: read the words in an image; exact match, CER, ANLS", stage_ocr),
     ("attention", "register attention maps", stage_attention),
 ]
 

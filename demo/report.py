@@ -77,13 +77,16 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
         if f"caption/{metric}" in caption:
             rows.append(_row("caption fine-tune (frozen tower), scenes val", metric, caption[f"caption/{metric}"],
                              caption.get(f"caption/baseline/{metric}"), "constant caption"))  # fmt: skip
-    for stage, keys in (("vqa", ("vqa/accuracy",)), ("ocr", ("ocr/exact_match", "ocr/anls"))):
+    answers = (("vqa", ("vqa/accuracy",)), ("ocr", ("ocr/exact_match", "ocr/cer", "ocr/anls")))
+    for stage, keys in answers:
         final = _final(results, stage)
         for key in keys:
             if key in final:
                 name = key.split("/", 1)[1]
-                rows.append(_row(f"{stage.upper()} (embedded)", name, final[key],
-                                 final.get(key.replace("/", "/baseline/", 1)), "majority answer"))  # fmt: skip
+                what = "VQA accuracy (%)" if stage == "vqa" else name
+                base = "majority answer" if stage == "vqa" else "most frequent training text"
+                rows.append(_row(f"{stage.upper()} (frozen tower), embedded", what, final[key],
+                                 final.get(key.replace("/", "/baseline/", 1)), base))  # fmt: skip
     return rows
 
 
@@ -146,7 +149,7 @@ def _figures(workdir: str) -> list[tuple[str, str]]:
     from transfer import plots
 
     figures = []
-    for stage in ("pretrain", "siglit", "caption"):
+    for stage in ("pretrain", "siglit", "caption", "vqa", "ocr"):
         run = os.path.join(workdir, stage, "run")
         if os.path.isfile(os.path.join(run, "metrics.jsonl")):
             plots.plot_run(run)
