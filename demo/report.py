@@ -16,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any
 
 REPORT_FILES = ("summary.json", "report.md", "report.html")
+HEADLINE_SHOTS = ("10", "25")
 _COUNTS = (
     "seconds",
     "nll_sum",
@@ -42,6 +43,8 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
     pre, rnd = fewshot.get("pretrain", {}), fewshot.get("random_tower", {})
     for dataset, shots in pre.items():
         for k, value in shots.items():
+            if k not in HEADLINE_SHOTS and str(max(int(s) for s in shots)) != k:
+                continue  # the other shot counts are in fewshot/*/fewshot.md
             base = rnd.get(dataset, {}).get(k)
             rows.append(
                 _row(
@@ -90,6 +93,18 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
     return rows
 
 
+def tower_verdict(rows: list[dict]) -> dict:
+    """How often the pretrained tower beats the random-init one, over the rows that compare the two."""
+    pairs = [
+        r
+        for r in rows
+        if r["baseline_is"] == "random-init tower" and None not in (r["model"], r["baseline"])
+    ]
+    wins = [r for r in pairs if r["model"] > r["baseline"]]
+    return {"rows": len(pairs), "pretrained_better": len(wins),
+            "worse": [f"{r['transfer']}: {r['metric']}" for r in pairs if r["model"] <= r["baseline"]]}  # fmt: skip
+
+
 def collapse_rows(results: Mapping[str, Any]) -> list[dict]:
     """The caption fine-tune's before (step 0, the CapPa weights) and after values of the other evaluators."""
     run = results.get("caption", {})
@@ -125,6 +140,7 @@ def summary(results: Mapping[str, Any], minutes: float) -> dict:
             )
         out["stages"][stage] = entry
     out["headline"] = headline_rows(results)
+    out["tower_vs_random"] = tower_verdict(out["headline"])
     out["collapse"] = collapse_rows(results)
     out["pretrain"] = pretrain_rows(results)
     return out
@@ -177,6 +193,8 @@ def markdown(data: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
         "",
         table(data["headline"], ["transfer", "metric", "model", "baseline", "baseline_is"]),
         "",
+        verdict_text(data["tower_vs_random"]),
+        "",
         "## Pretraining (tiny CapPa)",
         "",
         table(data["pretrain"], ["metric", "value"]),
@@ -194,6 +212,16 @@ def markdown(data: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
     for title, path in figures:
         lines += [f"### {title}", "", f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def verdict_text(verdict: Mapping[str, Any]) -> str:
+    text = (
+        f"The pretrained tower beats the random-init tower on {verdict['pretrained_better']} of the "
+        f"{verdict['rows']} probe rows above."
+    )
+    if verdict["worse"]:
+        text += " Not on: " + "; ".join(verdict["worse"]) + "."
+    return text
 
 
 def _inline(workdir: str, path: str) -> str:
@@ -220,6 +248,7 @@ def html_page(workdir: str, data: Mapping[str, Any], figures: list[tuple[str, st
         f"<p>Everything below was produced by this run ({data['minutes']:.1f} min).</p>",
         "<h2>Results against trivial baselines</h2>",
         html_table(data["headline"], ["transfer", "metric", "model", "baseline", "baseline_is"]),
+        f"<p>{html.escape(verdict_text(data['tower_vs_random']))}</p>",
         "<h2>Pretraining (tiny CapPa)</h2>",
         html_table(data["pretrain"], ["metric", "value"]),
         "<h2>Collapse check: caption fine-tune before / after</h2>",

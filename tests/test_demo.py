@@ -38,7 +38,16 @@ def test_report_numbers_are_summary_numbers(smoke):
     headline = summary["headline"]
     transfers = {row["transfer"].split(",")[0] for row in headline}
     assert {"few-shot linear probe", "MAP probe (trained", "SigLiT (frozen tower)"} <= transfers
-    assert "caption fine-tune (frozen tower)" in transfers
+    assert {
+        "caption fine-tune (frozen tower)",
+        "VQA (frozen tower)",
+        "OCR (frozen tower)",
+    } <= transfers
+    verdict = summary["tower_vs_random"]
+    compared = [r for r in headline if r["baseline_is"] == "random-init tower"]
+    assert verdict["rows"] == len(compared) > 0
+    assert verdict["pretrained_better"] == sum(r["model"] > r["baseline"] for r in compared)
+    assert report.verdict_text(verdict) in md
     lines = md.splitlines()
     for row in headline:  # each row appears verbatim, formatted from summary.json
         cells = [
