@@ -2,7 +2,7 @@
 
 The results table puts each transfer's headline number next to its trivial baseline (the random-init tower,
 the constant caption, the majority answer, chance); the rest of the report is figures this run drew:
-training curves, caption samples, register attention maps. Numbers in report.md are formatted from
+training curves, caption / VQA / OCR samples, register attention maps. Numbers in report.md are formatted from
 summary.json, never typed in.
 """
 
@@ -182,7 +182,26 @@ def _figures(workdir: str) -> list[tuple[str, str]]:
     return figures
 
 
-def markdown(data: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
+SAMPLE_PAGES = (  # (title, page written by the stage's evaluator)
+    (
+        "Caption samples: generated caption (bold) and references",
+        "caption/run/captions/caption_samples.html",
+    ),
+    (
+        "VQA samples: question, generated answer, the ten human answers",
+        "vqa/run/vqa/vqa_samples.html",
+    ),
+    ("OCR samples: generated text and the reference", "ocr/run/ocr/ocr_samples.html"),
+)
+
+
+def sample_pages(workdir: str) -> list[tuple[str, str]]:
+    return [(t, p) for t, p in SAMPLE_PAGES if os.path.isfile(os.path.join(workdir, p))]
+
+
+def markdown(
+    data: Mapping[str, Any], figures: list[tuple[str, str]], samples: list[tuple[str, str]]
+) -> str:
     lines = [
         "# cappa-transfer demo report",
         "",
@@ -203,8 +222,9 @@ def markdown(data: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
         "",
         table(data["collapse"], ["metric", "before", "after"]),
         "",
-        "Caption samples (generated caption in bold, references below): "
-        "[caption/run/captions/caption_samples.html](caption/run/captions/caption_samples.html)",
+        "## Samples",
+        "",
+        *[f"- [{title}]({path})" for title, path in samples],
         "",
         "## Figures",
         "",
@@ -230,7 +250,7 @@ def _inline(workdir: str, path: str) -> str:
 
 
 def html_page(workdir: str, data: Mapping[str, Any], figures: list[tuple[str, str]]) -> str:
-    """report.md's content as one self-contained page (figures inlined), plus the caption samples."""
+    """report.md's content as one self-contained page (figures inlined), plus the sample pages."""
 
     def html_table(rows: list[dict], columns: list[str]) -> str:
         head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
@@ -254,12 +274,11 @@ def html_page(workdir: str, data: Mapping[str, Any], figures: list[tuple[str, st
         "<h2>Collapse check: caption fine-tune before / after</h2>",
         html_table(data["collapse"], ["metric", "before", "after"]),
     ]
-    samples = os.path.join(workdir, "caption", "run", "captions", "caption_samples.html")
-    if os.path.isfile(samples):
-        with open(samples, encoding="utf-8") as f:
+    for title, path in sample_pages(workdir):
+        with open(os.path.join(workdir, path), encoding="utf-8") as f:
             body = f.read().split("<body>", 1)[-1].rsplit("</body>", 1)[0]
         parts += [
-            "<h2>Caption samples</h2>",
+            f"<h2>{html.escape(title)}</h2>",
             body.replace("<h1>", "<h3>").replace("</h1>", "</h3>"),
         ]
     parts.append("<h2>Figures</h2>")
@@ -277,7 +296,7 @@ def write(workdir: str, results: Mapping[str, Any], minutes: float) -> list[str]
     with open(paths[0], "w") as f:
         json.dump(data, f, indent=1, default=str)
     with open(paths[1], "w") as f:
-        f.write(markdown(data, figures))
+        f.write(markdown(data, figures, sample_pages(workdir)))
     with open(paths[2], "w", encoding="utf-8") as f:
         f.write(html_page(workdir, data, figures))
     return paths

@@ -229,3 +229,25 @@ def test_config_args_build_the_protocols():
     assert "resize(224)" in coco.input.pp and json.dumps(coco.to_dict())
     with pytest.raises(ValueError, match="tower="):
         caption_coco.get_config("tower=half")
+
+
+def test_cappa_caption_reads_a_finetuned_run(scratch_run, scenes_tokenizer, tmp_path, capsys):
+    """`cappa caption` on the caption task's workdir: the checkpoint's weights, greedy, as decode.captions."""
+    from PIL import Image
+
+    from pretrain import caption as caption_cli
+    from pretrain import decode, runs
+
+    workdir, result, config = scratch_run
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(2):
+        paths.append(str(tmp_path / f"img{i}.png"))
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(paths[-1])
+    assert caption_cli.main(["--checkpoint", workdir, *paths, "--json"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    images = runs.load_images(paths, 32)
+    params = jax.device_put(result.params, jax.devices()[0])
+    task = caption.Task(config)
+    out = decode.captions(task.model, params, images, scenes_tokenizer, max_len=MAX_LEN)
+    assert [p["captions"][0]["text"] for p in printed] == [t[0] for t in out["text"]]
