@@ -23,35 +23,11 @@ evaluator on the loaded weights too, and caption.md puts the few-shot probe and 
 before and after side by side.
 """
 
-import importlib
-
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import cappa_arch, parse_arg, tower_schedule
 
-ARCHS = {"tiny": 64, "b16": 224, "l16": 256}  # config module -> image resolution
-TOWER_MODES = ("frozen", "finetune")
 DECODERS = ("cappa", "scratch")
-
-
-def _arch(name):
-    if name not in ARCHS:
-        raise ValueError(f"arch={name!r}: use one of {sorted(ARCHS)}")
-    return importlib.import_module(f"configs.cappa_{name}").get_config(), ARCHS[name]
-
-
-def _schedule(tower, warmup):
-    cosine = dict(decay_type="cosine", warmup_steps=warmup)
-    if tower == "frozen":
-        return [("img/.*", None), (".*", cosine)], []  # no gradient, no optimizer state for img/
-    if tower == "finetune":
-        return cosine, []
-    try:
-        return cosine, [("img/.*", float(tower))]
-    except ValueError:
-        raise ValueError(
-            f"tower={tower!r}: use frozen, finetune or an lr multiplier such as 0.1"
-        ) from None
 
 
 def get_config(arg=None):
@@ -65,7 +41,7 @@ def get_config(arg=None):
     if args["decoder"] not in DECODERS:
         raise ValueError(f"decoder={args['decoder']!r}: use one of {DECODERS}")
     arch = args["arch"] or ("b16" if coco else "tiny")
-    pretrain, res = _arch(arch)
+    pretrain, res = cappa_arch(arch)
     tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 
@@ -97,7 +73,7 @@ def get_config(arg=None):
     c.optax_name = "adamw"
     c.lr = 1e-4 if coco else 1e-3
     c.wd = 1e-4
-    c.schedule, c.lr_mults = _schedule(args["tower"], 500 if coco else 50)
+    c.schedule, c.lr_mults = tower_schedule(args["tower"], 500 if coco else 50)
     c.grad_clip_norm = 1.0
     c.log_training_steps = 50
     c.ckpt_steps = 1_000 if coco else 300

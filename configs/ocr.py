@@ -22,32 +22,15 @@ scores case-insensitively (the usual scene-text protocol); the `ocr` evaluator's
 references the tokenizer can write at all (the ceiling of exact match).
 """
 
-import importlib
-
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import cappa_arch, parse_arg, tower_schedule
 
-ARCHS = {"tiny": 64, "b16": 224, "l16": 256}
 # name -> TFDS name, (train, validation, test) splits, the text key, the id key.
 DATASETS = {
     "scenes": dict(name="scenes_ocr", splits=("train", "validation", "test"), text="text", id="image/id"),
     "textcaps": dict(name="textcaps", splits=("train", "val", "val"), text="texts", id="image/id"),
 }  # fmt: skip
-
-
-def _schedule(tower, warmup):
-    cosine = dict(decay_type="cosine", warmup_steps=warmup)
-    if tower == "frozen":
-        return [("img/.*", None), (".*", cosine)], []
-    if tower == "finetune":
-        return cosine, []
-    try:
-        return cosine, [("img/.*", float(tower))]
-    except ValueError:
-        raise ValueError(
-            f"tower={tower!r}: use frozen, finetune or an lr multiplier such as 0.1"
-        ) from None
 
 
 def get_config(arg=None):
@@ -65,10 +48,8 @@ def get_config(arg=None):
     if strip not in ("fold", "resize") or case not in ("lower", "keep"):
         raise ValueError(f"strip={strip!r} / case={case!r}: use strip=fold|resize, case=lower|keep")
     arch = args["arch"] or ("tiny" if scenes else "b16")
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: use one of {sorted(ARCHS)}")
-    pretrain = importlib.import_module(f"configs.cappa_{arch}").get_config()
-    res, tokenizer = ARCHS[arch], args["tokenizer"] or pretrain.tokenizer
+    pretrain, res = cappa_arch(arch)
+    tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 
     c = ml_collections.ConfigDict()
@@ -99,7 +80,7 @@ def get_config(arg=None):
     c.optax_name = "adamw"
     c.lr = 1e-3 if scenes else 1e-4
     c.wd = 1e-4
-    c.schedule, c.lr_mults = _schedule(args["tower"], 50 if scenes else 500)
+    c.schedule, c.lr_mults = tower_schedule(args["tower"], 50 if scenes else 500)
     c.grad_clip_norm = 1.0
     c.log_training_steps = 50
     c.ckpt_steps = 500 if scenes else 2_000

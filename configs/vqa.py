@@ -24,13 +24,10 @@ The tiny scenes tokenizer has no digits, so on scenes answers are trained as num
 `eval_at_start=True`, vqa.md puts the few-shot probe and caption-scoring zero-shot before and after.
 """
 
-import importlib
-
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import cappa_arch, parse_arg, tower_schedule
 
-ARCHS = {"tiny": 64, "b16": 224, "l16": 256}  # config module -> image resolution
 # name -> TFDS name, (train, validation, test) splits, feature keys; None = the dataset lacks the feature.
 DATASETS = {
     "scenes": dict(
@@ -57,20 +54,6 @@ DATASETS = {
 }  # fmt: skip
 
 
-def _schedule(tower, warmup):
-    cosine = dict(decay_type="cosine", warmup_steps=warmup)
-    if tower == "frozen":
-        return [("img/.*", None), (".*", cosine)], []  # no gradient, no optimizer state for img/
-    if tower == "finetune":
-        return cosine, []
-    try:
-        return cosine, [("img/.*", float(tower))]
-    except ValueError:
-        raise ValueError(
-            f"tower={tower!r}: use frozen, finetune or an lr multiplier such as 0.1"
-        ) from None
-
-
 def get_config(arg=None):
     args = parse_arg(
         arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", answer="sample",
@@ -84,10 +67,8 @@ def get_config(arg=None):
         raise ValueError(f"answer={args['answer']!r}: use sample or majority")
     ds, scenes = DATASETS[args["data"]], args["data"] == "scenes"
     arch = args["arch"] or ("tiny" if scenes else "b16")
-    if arch not in ARCHS:
-        raise ValueError(f"arch={arch!r}: use one of {sorted(ARCHS)}")
-    pretrain = importlib.import_module(f"configs.cappa_{arch}").get_config()
-    res, tokenizer = ARCHS[arch], args["tokenizer"] or pretrain.tokenizer
+    pretrain, res = cappa_arch(arch)
+    tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 
     c = ml_collections.ConfigDict()
@@ -124,7 +105,7 @@ def get_config(arg=None):
     c.optax_name = "adamw"
     c.lr = 1e-3 if scenes else 1e-4
     c.wd = 1e-4
-    c.schedule, c.lr_mults = _schedule(args["tower"], 50 if scenes else 1_000)
+    c.schedule, c.lr_mults = tower_schedule(args["tower"], 50 if scenes else 1_000)
     c.grad_clip_norm = 1.0
     c.log_training_steps = 50
     c.ckpt_steps = 500 if scenes else 2_000
