@@ -1,10 +1,10 @@
 """The report a transfer task writes when its run ends: final metrics next to a baseline, and the collapse check.
 
-tasks/caption.py writes caption.md its own way; VQA and OCR (tasks/vqa.py, tasks/ocr.py) share this one:
+Caption, VQA and OCR (tasks/caption.py, tasks/vqa.py, tasks/ocr.py) share this one:
 
 * per evaluator of the task's kind, the final value of each reported metric next to the evaluator's
   `baseline/<metric>` (a majority answer / most frequent text);
-* the collapse check (`caption.collapse_rows`): every other evaluator's step-0 value (the weights as
+* the collapse check (`collapse_rows`): every other evaluator's step-0 value (the weights as
   loaded, `eval_at_start=True`) next to its final value;
 * the curves of the run (curves.png).
 """
@@ -15,7 +15,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from tasks import caption
+# Bookkeeping values an evaluator logs next to its metrics: not compared before/after.
+_NOT_METRICS = ("seconds", "images", "tokens", "nll_sum")
 
 
 def last_values(rows: Sequence[dict]) -> dict[str, Any]:
@@ -25,6 +26,19 @@ def last_values(rows: Sequence[dict]) -> dict[str, Any]:
         if row["step"] > 0:
             last.update({k: v for k, v in row.items() if k != "step"})
     return last
+
+
+def collapse_rows(rows: Sequence[dict], names: Sequence[str]) -> list[dict]:
+    """Before (step 0) vs after (last) for every metric of the named evaluators that has both."""
+    first = next((r for r in rows if r["step"] == 0), {})
+    last = last_values(rows)
+    out = []
+    for key in sorted(first):
+        name, _, metric = key.partition("/")
+        if name in names and key in last and not metric.endswith(_NOT_METRICS):
+            before, after = first[key], last[key]
+            out.append(dict(metric=key, before=before, after=after, change=after - before))
+    return out
 
 
 def eval_names(config: Any, kind: str | None = None) -> list[str]:
@@ -80,7 +94,7 @@ def write_report(
             "",
         ]
     others = [n for n in eval_names(config) if n not in eval_names(config, kind)]
-    collapse = caption.collapse_rows(rows, others)
+    collapse = collapse_rows(rows, others)
     lines += ["## Collapse check: the evaluators before (step 0) and after the fine-tune", ""]
     if collapse:
         lines += [plots.markdown_table(collapse, ["metric", "before", "after", "change"]), ""]

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tasks import caption, caption_eval, caption_metrics
+from tasks import caption, caption_eval, caption_metrics, report_utils
 from transfer import config as config_lib
 from transfer import metrics, train
 
@@ -157,7 +157,7 @@ def test_frozen_tower_is_bit_identical_and_decoder_is_new(scratch_run, frozen_ru
     assert all(jax.tree.leaves(txt_changed))  # not loaded (dont_load) and trained
     rows = _rows(workdir)
     # Collapse table: step-0 row of the loaded weights vs the last row.
-    table = caption.collapse_rows(rows, ["val"])
+    table = report_utils.collapse_rows(rows, ["val"])
     assert {r["metric"] for r in table} == {"val/loss", "val/perplexity"}
     first = next(r for r in rows if r["step"] == 0)
     assert next(r for r in table if r["metric"] == "val/loss")["before"] == first["val/loss"]
@@ -169,7 +169,7 @@ def test_collapse_rows_pair_step0_with_last_values():
         {"step": 10, "fs/5shot": 0.45, "train/loss": 1.0},
         {"step": 20, "fs/5shot": 0.3, "zs/prec@1": 0.1},
     ]
-    table = caption.collapse_rows(rows, ["fs", "zs"])
+    table = report_utils.collapse_rows(rows, ["fs", "zs"])
     assert table == [
         dict(metric="fs/5shot", before=0.5, after=0.3, change=pytest.approx(-0.2)),
         dict(metric="zs/prec@1", before=0.4, after=0.1, change=pytest.approx(-0.3)),
