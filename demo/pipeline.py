@@ -37,15 +37,19 @@ class Scale:
     eval_split: str  # validation examples for the slower evaluators
     fewshot_shots: tuple[int, ...]
     fewshot_datasets: tuple[str, ...]
+    model: dict[
+        str, Any
+    ]  # overrides of every CapPa-shaped model (dotted keys); {} = configs/cappa_tiny.py's
 
 
 # Step counts keep the whole demo near 12 minutes on 2 idle cores (measured: 15 min at 400/300/300/300 steps).
 FULL = Scale("", None, dict(probe=None, siglit=250, caption=200, vqa=200, ocr=200), 256,
              "validation[:200]", (1, 5, 10, 25),
-             ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"))  # fmt: skip
-# Smoke few-shot on digits: scenes/tiny has fewer than one image per class.
+             ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"), {})  # fmt: skip
+# Smoke few-shot on digits: scenes/tiny has fewer than one image per class. One layer per tower: compiling
+# the unscanned layers is most of a smoke stage's time.
 SMOKE = Scale("/tiny", 4, dict(probe=4, siglit=4, caption=4, vqa=4, ocr=4), 96, "validation",
-              (1, 2), ("digits",))  # fmt: skip
+              (1, 2), ("digits",), {"model.img.depth": 1, "model.txt.depth": 1})  # fmt: skip
 
 
 @dataclasses.dataclass
@@ -131,6 +135,7 @@ def _pretrain_overrides(ctx: Context) -> dict[str, Any]:
     out: dict[str, Any] = {
         "input.data.name": ctx.data("scenes"),
         "model.txt.vocab_size": ctx.scale.vocab_size,
+        **ctx.scale.model,
     }
     if ctx.scale.pretrain_steps:
         out.update(total_steps=ctx.scale.pretrain_steps, ckpt_steps=ctx.scale.pretrain_steps)
@@ -152,9 +157,10 @@ def stage_pretrain(ctx: Context) -> dict:
 
 
 def stage_random_tower(ctx: Context) -> dict:
-    """The baseline tower: same architecture and init as the pretrained one, never updated (lr 0, 1 step)."""
+    """The baseline tower: same architecture and init (seed) as the pretrained one, never trained
+    (total_steps=0 saves the initial state as checkpoint 0)."""
     overrides = _pretrain_overrides(ctx)
-    overrides.update(total_steps=1, ckpt_steps=1, lr=0.0, evals={}, log_training_steps=1)
+    overrides.update(total_steps=0, ckpt_steps=1, evals={})
     return run_training(
         ctx, "random_tower", f"configs/cappa_tiny.py:tokenizer={ctx.tokenizer}", overrides
     )
@@ -192,7 +198,7 @@ def stage_map_probe(ctx: Context) -> dict:
 
 def stage_siglit(ctx: Context) -> dict:
     overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "siglit"),
-                 "model.txt.vocab_size": ctx.scale.vocab_size}  # fmt: skip
+                 "model.txt.vocab_size": ctx.scale.vocab_size, **ctx.scale.model}  # fmt: skip
     spec = f"configs/siglit.py:tower={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
     return run_training(ctx, "siglit", spec, overrides)
 
@@ -200,7 +206,7 @@ def stage_siglit(ctx: Context) -> dict:
 def stage_caption(ctx: Context) -> dict:
     overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "caption"),
                  "model.txt.vocab_size": ctx.scale.vocab_size, "tokenizer": ctx.tokenizer,
-                 "evals.zeroshot.data.split": ctx.scale.eval_split}  # fmt: skip
+                 "evals.zeroshot.data.split": ctx.scale.eval_split, **ctx.scale.model}  # fmt: skip
     if (
         ctx.scale is SMOKE
     ):  # scenes/tiny has fewer images than classes: the collapse probe uses digits
@@ -217,7 +223,7 @@ def _answer_stage(ctx: Context, stage: str, dataset: str) -> dict:
     evals = train_config(ctx, f"configs/{stage}.py", {}).evals.to_dict()
     kept = {name: evals[name] for name in ("val", stage)}
     overrides = {"input.data.name": ctx.data(dataset), "model.txt.vocab_size": ctx.scale.vocab_size,
-                 "evals": kept, "eval_at_start": False, **_steps(ctx, stage)}  # fmt: skip
+                 "evals": kept, "eval_at_start": False, **_steps(ctx, stage), **ctx.scale.model}  # fmt: skip
     spec = f"configs/{stage}.py:init={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
     return run_training(ctx, stage, spec, overrides)
 

@@ -1,9 +1,20 @@
 """Shared fixtures. 8 fake CPU devices so sharding is tested on every run; tiny shapes, compiled once."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# One JAX compilation cache per test session, shared by the xdist workers and every subprocess the tests
+# start (resume, multi-process, CLI): the same steps compile once instead of once per process. It starts
+# empty, so a session never reuses another session's programs, and is removed by the process that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="cappa-tests-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 

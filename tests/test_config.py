@@ -76,7 +76,7 @@ def test_defaults_filled_and_json(tmp_path):
 @pytest.mark.parametrize(
     "body,match",
     [
-        ("  c.total_steps = 0\n", "total_steps"),
+        ("  c.total_steps = -1\n", "total_steps"),
         ("  c.input = dict(batch_size=10)\n  c.accum_steps = 3\n", "accum_steps"),
         ("  c.lr = -1.0\n", "lr"),
     ],

@@ -8,6 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from test_resume import _final_params
 
 from tasks import classify
 from transfer import checkpoint, input_pipeline, metrics, train, tree
@@ -195,3 +196,28 @@ def test_eval_split_too_small_for_the_hosts(tiny_config, monkeypatch):
     data = {**tiny_config.input.data, "split": "validation"}
     with pytest.raises(ValueError, match="leaves some of the 32 hosts without examples"):
         evaluator._batches_per_host(data)
+
+
+def test_zero_steps_saves_the_initial_state_and_evaluates_it(tiny_config, tmp_path):
+    """total_steps = 0: checkpoint 0 holds exactly the init that setup() builds; every evaluator runs once."""
+    apply_overrides(tiny_config, {"total_steps": 0})
+    workdir = str(tmp_path / "zero")
+    result = train.train(tiny_config, workdir, devices=jax.devices()[:1])
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    assert (
+        [r["step"] for r in rows] == [0] and "val/prec@1" in rows[0] and "train/loss" not in rows[0]
+    )
+    assert result.metrics == rows[0]
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["0"]
+    init = train.setup(tiny_config, str(tmp_path / "fresh"), devices=jax.devices()[:1])
+    expected = tree.flatten(tree.merge(init.state["params"], init.state["frozen"]))
+    init.mngr.close()
+    step, saved = _final_params(workdir)
+    assert step == 0 and set(saved) == set(expected)
+    for path, x in expected.items():
+        np.testing.assert_array_equal(saved[path], np.asarray(x), err_msg=path)
+    again = train.train(tiny_config, workdir, devices=jax.devices()[:1])  # complete: nothing redone
+    assert (
+        again.metrics == rows[0]
+        and len(metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == 1
+    )

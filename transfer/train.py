@@ -52,7 +52,10 @@ def prepare_config(config: ml_collections.ConfigDict) -> tuple[ml_collections.Co
     task_module = registry.import_task(config.get("task", ""))
     config = config_lib.merge_with_defaults(config, getattr(task_module, "DEFAULTS", None))
     checks = [
-        (config.total_steps > 0, "config.total_steps must be > 0"),
+        (
+            config.total_steps >= 0,
+            "config.total_steps must be >= 0 (0: save and evaluate the initial state, no training)",
+        ),
         (config.input.batch_size > 0, "config.input.batch_size must be > 0"),
         (config.accum_steps >= 1, "config.accum_steps must be >= 1"),
         (
@@ -335,6 +338,24 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
     return perf
 
 
+def _zero_step_run(run: Run) -> RunResult:
+    """total_steps = 0: the initial (or model_init-loaded) state becomes checkpoint 0 and every evaluator
+    runs once. The untrained baseline of a comparison, or an evaluation of a loaded checkpoint, without
+    compiling a train step."""
+    state, workdir = run.state, run.workdir
+    writer = metrics.MetricsWriter(workdir, resume_step=0)
+    try:
+        with jax.set_mesh(run.mesh):
+            row = writer.write(0, _run_evals(run.evals, state, 0, 0, workdir, every_one=True))
+        _save(run.mngr, 0, state, run.data_iter)
+        run.mngr.wait_until_finished()
+    finally:
+        writer.close()
+        run.mngr.close()
+    metrics.log(f"total_steps = 0: saved the initial state as step 0 in {workdir}.")
+    return RunResult(row, tree.merge(state["params"], state["frozen"]))
+
+
 def run_loop(run: Run) -> RunResult:
     """Steps, logging, evaluation, checkpoints, preemption: the only loop every task runs."""
     config, workdir, state, data_iter, mngr = (
@@ -347,6 +368,8 @@ def run_loop(run: Run) -> RunResult:
         run.evals,
     )
     first_batch = run.first_batch
+    if config.total_steps == 0 and mngr.latest_step() is None:
+        return _zero_step_run(run)
     if start_step >= config.total_steps:
         mngr.close()
         metrics.log(f"{workdir} is complete (step {start_step}); nothing to do.")
