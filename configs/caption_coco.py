@@ -86,12 +86,14 @@ def get_config(arg=None):
     c.evals = dict(
         val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
         caption=dict(caption, data=dict(split=val_split), log_steps=log),
-        # The collapse check: the tower's few-shot probe and caption-scoring zero-shot, before and after.
-        fewshot=dict(
+    )  # fmt: skip
+    # The collapse check: the tower's few-shot probe (when the tower trains: a frozen one stays
+    # bit-identical) and the caption-scoring zero-shot, before and after.
+    if args["tower"] != "frozen":
+        c.evals.fewshot = dict(
             type="tasks.fewshot:Evaluator", datasets=("imagenet2012",) if coco else ("scenes",),
             shots=(10, 25), log_steps=None,
-        ),
-    )  # fmt: skip
+        )  # fmt: skip
     if coco:
         c.evals.caption_test = dict(caption, data=dict(split=test_split), log_steps=None)
     else:  # scenes class names as captions (as configs/cappa_tiny.py's zero-shot evaluator)

@@ -207,12 +207,6 @@ def stage_caption(ctx: Context) -> dict:
     overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "caption"),
                  "model.txt.vocab_size": ctx.scale.vocab_size, "tokenizer": ctx.tokenizer,
                  "evals.zeroshot.data.split": ctx.scale.eval_split, **ctx.scale.model}  # fmt: skip
-    if (
-        ctx.scale is SMOKE
-    ):  # scenes/tiny has fewer images than classes: the collapse probe uses digits
-        overrides.update(
-            {"evals.fewshot.datasets": ("digits",), "evals.fewshot.shots": ctx.scale.fewshot_shots}
-        )
     spec = f"configs/caption_coco.py:init={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
     return run_training(ctx, "caption", spec, overrides)
 
