@@ -19,8 +19,8 @@ args (comma-separated):
   method=greedy (default) | beam: decoding for the caption evaluator (beam size 4).
 
 Collapse check (BRIEF.md: captioning fine-tunes destroy zero-shot ability): `eval_at_start=True` runs every
-evaluator on the loaded weights too, and caption.md puts the few-shot probe and caption-scoring zero-shot
-before and after side by side.
+evaluator on the loaded weights too, and caption.md puts the few-shot probe (only when the tower trains: a
+frozen one is bit-identical) and caption-scoring zero-shot before and after side by side.
 """
 
 import ml_collections

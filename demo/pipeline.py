@@ -213,7 +213,7 @@ def stage_caption(ctx: Context) -> dict:
 
 def _answer_stage(ctx: Context, stage: str, dataset: str) -> dict:
     """VQA / OCR from the pretrained run: the task's own evaluator + perplexity (the caption stage already
-    shows the before/after of the few-shot probe and the zero-shot; here they would double the stage's time)."""
+    shows the before/after of the zero-shot; here it would double the stage's time)."""
     evals = train_config(ctx, f"configs/{stage}.py", {}).evals.to_dict()
     kept = {name: evals[name] for name in ("val", stage)}
     overrides = {"input.data.name": ctx.data(dataset), "model.txt.vocab_size": ctx.scale.vocab_size,
