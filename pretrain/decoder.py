@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pretrain import vit
+from pretrain import linear, vit
 from transfer.sharding import constrain_batch
 
 
@@ -62,6 +62,7 @@ class DecoderAttention(nn.Module):
     def _dense(self, name: str, hd: int) -> nn.Module:
         return nn.DenseGeneral(
             (self.num_heads, hd),
+            dot_general=linear.dot_general,
             use_bias=False,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -87,6 +88,7 @@ class DecoderAttention(nn.Module):
         self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
+            dot_general=linear.dot_general,
             axis=(-2, -1),
             use_bias=False,
             dtype=self.dtype,
@@ -150,12 +152,14 @@ class DecoderBlock(nn.Module):
             (("self", None), ("cross", encoded)) if self.cross_attention else (("self", None),)
         )
         for kind, kv in sublayers:
+            x = linear.grad_barrier(x)
             y = norm(f"norm_{kind}_pre")(x)
             mask = self_mask if kind == "self" else None
             y = attn(f"{kind}_attn", kind == "cross")(y, kv, mask, positions, decode)
             if self.normformer:
                 y = norm(f"norm_{kind}_post")(y)
             x = constrain_batch(x + drop(y))
+        x = linear.grad_barrier(x)
         y = norm("norm_mlp_pre")(x)
         y = vit.MlpBlock(
             self.mlp_dim,
@@ -228,7 +232,11 @@ class TextDecoder(nn.Module):
         )(x, encoded, None if decode else self_mask, positions, train, decode)
         x = vit.Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm_final")(x)
         logits = nn.Dense(
-            self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
+            self.vocab_size,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            dot_general=linear.dot_general,
+            name="head",
         )(x)
         return logits.astype(jnp.float32)
 

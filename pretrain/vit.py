@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pretrain import linear
 from transfer.sharding import constrain_batch
 
 _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
@@ -181,6 +182,7 @@ class Attention(nn.Module):
         hd = width // self.num_heads
         dense = lambda name: nn.DenseGeneral(
             (self.num_heads, hd),
+            dot_general=linear.dot_general,
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -191,6 +193,7 @@ class Attention(nn.Module):
         self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
+            dot_general=linear.dot_general,
             axis=(-2, -1),
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -217,6 +220,7 @@ class MlpBlock(nn.Module):
     def __call__(self, x, train: bool = False):
         dense = lambda feats, name: nn.Dense(
             feats,
+            dot_general=linear.dot_general,
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -250,11 +254,13 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = lambda name: Norm(self.norm, self.use_bias, dtype=self.dtype, name=name)
+        x = linear.grad_barrier(x)
         y = norm("norm_attn_pre")(x)
         y = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(y, y)
         if self.normformer:
             y = norm("norm_attn_post")(y)
         x = constrain_batch(x + nn.Dropout(self.dropout)(y, deterministic=not train))
+        x = linear.grad_barrier(x)
         y = norm("norm_mlp_pre")(x)
         y = MlpBlock(
             self.mlp_dim,
@@ -446,7 +452,11 @@ class ViT(nn.Module):
         if self.num_classes:
             init = nn.initializers.zeros if self.head_zeroinit else nn.initializers.lecun_normal()
             x = aux["logits"] = nn.Dense(
-                self.num_classes, kernel_init=init, dtype=jnp.float32, name="head"
+                self.num_classes,
+                kernel_init=init,
+                dtype=jnp.float32,
+                dot_general=linear.dot_general,
+                name="head",
             )(x)
         return x, aux
 

@@ -1,0 +1,109 @@
+"""pretrain/linear.py: same values and gradients as plain lax.dot_general / identity; the chain is cut."""
+
+from __future__ import annotations
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax import lax
+
+from pretrain import linear
+
+RNG = np.random.default_rng(0)
+
+
+def _grads(fn, *args):
+    return jax.jit(jax.grad(lambda *a: jnp.sum(jnp.sin(fn(*a))), argnums=(0, 1)))(*args)
+
+
+# (x shape, w shape, contracting dims): Dense on tokens, Dense on a vector batch, DenseGeneral into
+# heads (q/k/v), DenseGeneral out of heads (attention's `out`), and one where g is larger than x.
+DENSE_CASES = [
+    ((3, 5, 8), (8, 4), 1),
+    ((6, 8), (8, 16), 1),
+    ((2, 5, 8), (8, 2, 3), 1),
+    ((2, 5, 2, 3), (2, 3, 8), 2),
+    ((2, 5, 16), (16, 4), 1),
+]
+
+
+@pytest.mark.parametrize("x_shape, w_shape, n", DENSE_CASES)
+def test_dense_pattern_matches_lax_dot_general(x_shape, w_shape, n):
+    x = jnp.asarray(RNG.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(RNG.normal(size=w_shape), jnp.float32)
+    dims = ((tuple(range(len(x_shape) - n, len(x_shape))), tuple(range(n))), ((), ()))
+    ours = lambda a, b: linear.dot_general(a, b, dims)
+    ref = lambda a, b: lax.dot_general(a, b, dims)
+    np.testing.assert_allclose(ours(x, w), ref(x, w), rtol=1e-5, atol=1e-5)
+    for got, want in zip(_grads(ours, x, w), _grads(ref, x, w), strict=True):
+        assert got.shape == want.shape
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_other_patterns_fall_back_with_correct_gradients():
+    """A batched contraction (attention-like) is not the dense pattern: plain dot_general."""
+    q = jnp.asarray(RNG.normal(size=(2, 3, 4, 5)), jnp.float32)
+    k = jnp.asarray(RNG.normal(size=(2, 3, 6, 5)), jnp.float32)
+    dims = (((3,), (3,)), ((0, 1), (0, 1)))
+    ours = lambda a, b: linear.dot_general(a, b, dims)
+    ref = lambda a, b: lax.dot_general(a, b, dims)
+    for got, want in zip(_grads(ours, q, k), _grads(ref, q, k), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_flax_dense_bf16_gradients_keep_dtypes_and_values():
+    x = jnp.asarray(RNG.normal(size=(4, 6, 8)), jnp.float32)
+    ours = nn.Dense(16, dtype=jnp.bfloat16, dot_general=linear.dot_general)
+    ref = nn.Dense(16, dtype=jnp.bfloat16)
+    params = ref.init(jax.random.key(0), x)
+    loss = lambda model: lambda p, x: jnp.sum(model.apply(p, x).astype(jnp.float32) ** 2)
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.float32(a), np.float32(b), rtol=2e-2, atol=2e-2)
+
+
+def _residual_stack_grad(barrier: bool):
+    """Gradient of a 10-block pre-norm residual MLP stack (the pattern of a ViT's residual stream)."""
+
+    def loss(ws, x):
+        for w1, w2 in ws:
+            if barrier:
+                x = linear.grad_barrier(x)
+            h = x - x.mean(-1, keepdims=True)
+            h = h * lax.rsqrt((h * h).mean(-1, keepdims=True) + 1e-6)
+            x = x + jnp.tanh(h @ w1) @ w2
+        return jnp.sum(x * x)
+
+    rng = np.random.default_rng(1)  # the same weights for both variants
+    ws = [
+        (
+            jnp.asarray(rng.normal(size=(16, 32)) * 0.1, jnp.float32),
+            jnp.asarray(rng.normal(size=(32, 16)) * 0.1, jnp.float32),
+        )
+        for _ in range(10)
+    ]
+    x = jnp.asarray(rng.normal(size=(24, 16)), jnp.float32)
+    step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    return step(ws, x), step.lower(ws, x).compile().as_text()
+
+
+def _max_fusion_operands(hlo: str) -> int:
+    return max(m.group(1).count("%") for m in re.finditer(r" fusion\((.*?)\), kind", hlo))
+
+
+def test_grad_barrier_is_the_identity_and_cuts_the_residual_gradient_chain():
+    (plain_grads, plain_hlo) = _residual_stack_grad(barrier=False)
+    (cut_grads, cut_hlo) = _residual_stack_grad(barrier=True)
+    for a, b in zip(jax.tree.leaves(plain_grads), jax.tree.leaves(cut_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    if jax.default_backend() == "cpu":
+        # Without the barrier one fusion re-sums the residual cotangents of many blocks; with it,
+        # no fusion reads more than a block's worth of operands.
+        assert _max_fusion_operands(plain_hlo) > 20
+        assert _max_fusion_operands(cut_hlo) <= 10
