@@ -21,13 +21,15 @@ def _grads(fn, *args):
 
 
 # (x shape, w shape, contracting dims): Dense on tokens, Dense on a vector batch, DenseGeneral into
-# heads (q/k/v), DenseGeneral out of heads (attention's `out`), and one where g is larger than x.
+# heads (q/k/v), DenseGeneral out of heads (attention's `out`), and g smaller than x with one and with two
+# contracting dims (the branch that transposes the [out, in] result back).
 DENSE_CASES = [
     ((3, 5, 8), (8, 4), 1),
     ((6, 8), (8, 16), 1),
     ((2, 5, 8), (8, 2, 3), 1),
     ((2, 5, 2, 3), (2, 3, 8), 2),
     ((2, 5, 16), (16, 4), 1),
+    ((2, 5, 2, 4), (2, 4, 3), 2),
 ]
 
 
