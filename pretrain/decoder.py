@@ -231,12 +231,8 @@ class TextDecoder(nn.Module):
             self.depth, self._block_kwargs(), self.scan, self.remat_policy, name="decoder"
         )(x, encoded, None if decode else self_mask, positions, train, decode)
         x = vit.Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm_final")(x)
-        logits = nn.Dense(
-            self.vocab_size,
-            kernel_init=nn.initializers.zeros,
-            dtype=self.dtype,
-            dot_general=linear.dot_general,
-            name="head",
+        logits = linear.Dense(
+            self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
         )(x)
         return logits.astype(jnp.float32)
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 import pytest
 
 from pretrain import cappa, cappa_task
@@ -90,6 +91,26 @@ def test_sequence_xent_matches_numpy():
         expected = tok.mean() if keep.any() else 0.0
         assert float(losses[i]) == pytest.approx(expected, rel=1e-5, abs=1e-6)
         assert float(count[i]) == keep.sum()
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_sequence_xent_equals_dense_smoothed_targets_with_gradients(smoothing):
+    """The integer-label form equals optax's dense cross-entropy on smoothed one-hot targets, in
+    value and in gradient (what training sees)."""
+    rng = np.random.default_rng(3)
+    logits = jnp.asarray(rng.normal(size=(3, 5, 11)) * 3, jnp.float32)
+    labels = jnp.asarray(rng.integers(0, 11, (3, 5)), jnp.int32)
+
+    def dense(logits):
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, 11), smoothing)
+        token = optax.softmax_cross_entropy(logits, targets)
+        weights = (labels != 0).astype(jnp.float32)
+        return jnp.sum(token * weights, -1) / jnp.maximum(weights.sum(-1), 1.0)
+
+    ours = lambda logits: cappa.sequence_xent(logits, labels, 0, smoothing)[0]
+    np.testing.assert_allclose(ours(logits), dense(logits), rtol=1e-5, atol=1e-6)
+    grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * jnp.arange(1.0, 4.0)))(logits)
+    np.testing.assert_allclose(grad(ours), grad(dense), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_loss_is_cap_only_and_skips_pads(task_and_params, batch):

@@ -109,3 +109,35 @@ def test_grad_barrier_is_the_identity_and_cuts_the_residual_gradient_chain():
         # no fusion reads more than a block's worth of operands.
         assert _max_fusion_operands(plain_hlo) > 20
         assert _max_fusion_operands(cut_hlo) <= 10
+
+
+@pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+def test_dense_has_the_parameters_values_and_gradients_of_nn_dense(dtype, tol):
+    """linear.Dense (the vocabulary head) is a drop-in for nn.Dense: same parameter tree, so
+    checkpoints load unchanged, and the same outputs and parameter/input gradients."""
+    x = jnp.asarray(RNG.normal(size=(2, 7, 12)), jnp.float32)
+    ours = linear.Dense(20, dtype=dtype, bias_init=nn.initializers.normal(1.0))
+    ref = nn.Dense(20, dtype=dtype)
+    params = ours.init(jax.random.key(0), x)["params"]
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, ref.init(jax.random.key(0), x)["params"]
+    )
+    assert params["kernel"].dtype == params["bias"].dtype == jnp.float32
+
+    def loss(module):
+        return lambda p, x: jnp.sum(jnp.sin(module.apply({"params": p}, x).astype(jnp.float32)))
+
+    np.testing.assert_allclose(
+        ours.apply({"params": params}, x).astype(jnp.float32),
+        ref.apply({"params": params}, x).astype(jnp.float32),
+        rtol=tol,
+        atol=tol,
+    )
+    got = jax.grad(loss(ours), argnums=(0, 1))(params, x)
+    want = jax.grad(loss(ref), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=tol, atol=tol)
+    assert float(jnp.abs(got[0]["bias"]).sum()) > 0  # the bias gradient is not trivially zero
+    no_bias = linear.Dense(20, use_bias=False).init(jax.random.key(0), x)["params"]
+    assert set(no_bias) == {"kernel"}
