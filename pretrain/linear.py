@@ -15,7 +15,8 @@ benchmarks/cappa_step.py, BENCHMARKS.md):
   traffic growing with depth squared). `lax.optimization_barrier` would stop that, but XLA:CPU strips
   it; a `lax.cond` whose branches are both the identity is a boundary it keeps.
 
-Together: S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores. On TPU and GPU the rewritten matmuls do the
+Together: S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores (later runs spread over 3.8-6.4 s as the
+machine's speed drifted; BENCHMARKS.md). On TPU and GPU the rewritten matmuls do the
 same FLOPs and `grad_barrier` is the identity; neither was measured there.
 """
 
