@@ -11,6 +11,7 @@ on top of the model. Both run on every local device (data parallel), as a probe 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -85,7 +86,9 @@ def main() -> None:
     runs = [("tiny_64px", 1024 if not args.quick else 256)]
     if not args.quick:
         runs.append(("s16_224px", 256))
-    results = [bench(name, data, 64, limit) for name, limit in runs]
+    # Dataset generation and TFDS print progress to stdout; stdout is for the one JSON object.
+    with contextlib.redirect_stdout(sys.stderr):
+        results = [bench(name, data, 64, limit) for name, limit in runs]
     print(
         json.dumps(
             {
