@@ -117,7 +117,7 @@ def sequence_xent(
 
     Computed in float32 whatever the compute dtype (the loss is one of the float32 islands). Integer
     labels, never a dense one-hot: over a 32k vocabulary the one-hot's select and multiply passes cost
-    ~0.1 s of the S/16 CapPa step on CPU (benchmarks/cappa_step.py). Label smoothing ``a`` (targets
+    ~0.1 s of the S/16 CapPa step on CPU (a profile of benchmarks/cappa_step.py's step). Label smoothing ``a`` (targets
     ``(1 - a) one_hot + a / V``) is exactly ``xent + a * (logit[label] - mean(logits))``.
     """
     logits = logits.astype(jnp.float32)

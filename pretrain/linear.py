@@ -1,6 +1,6 @@
 """Dense-layer matmuls and residual gradients written so that XLA:CPU compiles the backward pass well.
 
-Both helpers change how the backward pass is *written*, never what it computes: forward values and
+These helpers change how the backward pass is *written*, never what it computes: forward values and
 gradients equal plain `jax.lax.dot_general` and the identity (tests/test_linear.py). They exist because
 two patterns of JAX's autodiff output hit weak spots of XLA:CPU (measured on the S/16 CapPa step of
 benchmarks/cappa_step.py, BENCHMARKS.md):
@@ -15,7 +15,9 @@ benchmarks/cappa_step.py, BENCHMARKS.md):
   traffic growing with depth squared). `lax.optimization_barrier` would stop that, but XLA:CPU strips
   it; a `lax.cond` whose branches are both the identity is a boundary it keeps.
 
-Together: S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores (later runs spread over 3.8-6.4 s as the
+* `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a sum over rows.
+
+Together (the first two): S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores (later runs spread over 3.8-6.4 s as the
 machine's speed drifted; BENCHMARKS.md). On TPU and GPU the rewritten matmuls do the
 same FLOPs and `grad_barrier` is the identity; neither was measured there.
 """
@@ -126,13 +128,15 @@ def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
 
     Autodiff writes the bias gradient as a sum over every leading axis, and XLA:CPU's (YNNPACK)
     reduction is pathological on wide rows: 125 ms to sum a [1024, 32000] cotangent over its rows,
-    against 3 ms as `ones @ g` (the vocabulary head of the S/16 CapPa step of benchmarks/cappa_step.py).
+    against 3 ms as `ones @ g` (one-off timings of the S/16 CapPa step's vocabulary head; BENCHMARKS.md).
     """
+    if bias.shape != y.shape[-1:]:
+        raise ValueError(f"add_bias: bias {bias.shape} must be y's last axis {y.shape[-1:]}")
     return y + bias
 
 
 def _add_bias_fwd(y, bias):
-    return y + bias, None
+    return add_bias(y, bias), None
 
 
 def _add_bias_bwd(_, g):

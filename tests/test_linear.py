@@ -141,3 +141,8 @@ def test_dense_has_the_parameters_values_and_gradients_of_nn_dense(dtype, tol):
     assert float(jnp.abs(got[0]["bias"]).sum()) > 0  # the bias gradient is not trivially zero
     no_bias = linear.Dense(20, use_bias=False).init(jax.random.key(0), x)["params"]
     assert set(no_bias) == {"kernel"}
+
+
+def test_add_bias_rejects_a_bias_that_is_not_the_last_axis():
+    with pytest.raises(ValueError, match="last axis"):
+        linear.add_bias(jnp.zeros((2, 3)), jnp.zeros((2,)))
