@@ -13,9 +13,13 @@ benchmarks/cappa_step.py, BENCHMARKS.md):
 * `grad_barrier(x)` on the residual stream: XLA:CPU fuses the chain of residual-gradient additions
   into every consumer, so block i's backward re-summed the cotangents of all blocks above it (memory
   traffic growing with depth squared). `lax.optimization_barrier` would stop that, but XLA:CPU strips
-  it; a `lax.cond` whose branches are both the identity is a boundary it keeps.
+  it; a `lax.cond` whose branches are both the identity is a boundary it keeps. Under a mesh the cond
+  runs on each device's batch shard (`sharding.per_batch_shard`): its predicate costs no collective.
 
 * `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a sum over rows.
+* `attention`: softmax attention whose backward is written out, every matmul a plain batched
+  `[heads, T, D]` product. Autodiff's version made XLA:CPU pick transposed operand and output layouts
+  (e.g. `P @ V` computed as `[D, T]`), which ran at 55-95 GFLOP/s and needed extra transposing copies.
 
 Together (the first two): S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores (later runs spread over 3.8-6.4 s as the
 machine's speed drifted; BENCHMARKS.md). On TPU and GPU the rewritten matmuls do the
@@ -30,7 +34,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
+
+from transfer import sharding
 
 
 def dot_general(
@@ -113,10 +120,15 @@ def _grad_barrier_fwd(x):
 def _grad_barrier_bwd(_, cotangent):
     if jax.default_backend() != "cpu":
         return (cotangent,)
+    # Per device shard: the predicate read from a sharded cotangent would otherwise be a collective.
+    return (sharding.per_batch_shard(_identity_cond, cotangent),)
+
+
+def _identity_cond(cotangent: jax.Array) -> jax.Array:
     # A data-dependent predicate, so XLA cannot fold the cond away. Both branches return the input
     # (the second only for a NaN); they must not be spelled identically, or XLA merges them.
     first = cotangent.reshape(-1)[0]
-    return (lax.cond(first == first, lambda c: c, lambda c: c + 0.0, cotangent),)
+    return lax.cond(first == first, lambda c: c, lambda c: c + 0.0, cotangent)
 
 
 grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
@@ -145,6 +157,60 @@ def _add_bias_bwd(_, g):
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Any
+) -> tuple[jax.Array, jax.Array]:
+    """Softmax attention, logits and softmax in float32; q [B,Q,H,D], k/v [B,K,H,D].
+
+    ``mask`` broadcastable to [B,H,Q,K] (True = may attend) or None. Returns (out [B,Q,H,D] in
+    ``dtype``, probs [B,H,Q,K] float32). Values equal the autodiff reference; the backward is written
+    out (see the module docstring), including the gradient that flows through ``probs``.
+    """
+    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B,T,H,D] <-> [B,H,T,D]
+    y, probs = _attention(heads_first(q), heads_first(k), heads_first(v), mask, jnp.dtype(dtype))
+    return heads_first(y), probs
+
+
+def _attention_fwd_values(q, k, v, mask, dtype):
+    q32 = q.astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+    k32 = k.astype(jnp.float32)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q32, k32)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    y = jnp.einsum("bhqk,bhkd->bhqd", probs.astype(dtype), v.astype(dtype))
+    return (y, probs), (q32, k32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _attention(q, k, v, mask, dtype):
+    return _attention_fwd_values(q, k, v, mask, dtype)[0]
+
+
+def _attention_fwd(q, k, v, mask, dtype):
+    (y, probs), (q32, k32) = _attention_fwd_values(q, k, v, mask, dtype)
+    dtypes = (jnp.zeros((0,), q.dtype), jnp.zeros((0,), k.dtype))  # residuals must be arrays
+    return (y, probs), (q32, k32, v, mask, probs, dtypes)
+
+
+def _attention_bwd(dtype, residuals, cotangents):
+    q32, k32, v, mask, probs, (q_like, k_like) = residuals
+    dy, dprobs = cotangents
+    dp = jnp.einsum("bhqd,bhkd->bhqk", dy.astype(dtype), v.astype(dtype)).astype(jnp.float32)
+    dp = dp + dprobs  # a zero array unless a loss reads the probabilities
+    dlogits = probs * (dp - jnp.sum(dp * probs, axis=-1, keepdims=True))
+    if mask is not None:  # where(mask, logits, min) passes no gradient to masked logits
+        dlogits = jnp.where(mask, dlogits, 0.0)
+    scale = 1.0 / np.sqrt(q32.shape[-1]).astype(np.float32)
+    dq = jnp.einsum("bhqk,bhkd->bhqd", dlogits, k32) * scale
+    dk = jnp.einsum("bhqk,bhqd->bhkd", dlogits, q32)
+    dv = jnp.einsum("bhqk,bhqd->bhkd", probs.astype(dtype), dy.astype(dtype))
+    return dq.astype(q_like.dtype), dk.astype(k_like.dtype), dv.astype(v.dtype), None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 class Dense(nn.Module):

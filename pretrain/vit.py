@@ -151,15 +151,9 @@ def dot_product_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:
     """Softmax attention with logits and softmax in float32 (bf16 logits lose ranking precision).
 
     q [B,Q,H,D], k/v [B,K,H,D], mask broadcastable to [B,H,Q,K] (True = may attend) or None.
-    Returns (out [B,Q,H,D] in ``dtype``, probs [B,H,Q,K]).
+    Returns (out [B,Q,H,D] in ``dtype``, probs [B,H,Q,K]). The backward is `linear.attention`'s.
     """
-    q = q.astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(jnp.float32))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)
-    y = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype))
-    return y, probs
+    return linear.attention(q, k, v, mask, dtype)
 
 
 class Attention(nn.Module):

@@ -146,3 +146,98 @@ def test_dense_has_the_parameters_values_and_gradients_of_nn_dense(dtype, tol):
 def test_add_bias_rejects_a_bias_that_is_not_the_last_axis():
     with pytest.raises(ValueError, match="last axis"):
         linear.add_bias(jnp.zeros((2, 3)), jnp.zeros((2,)))
+
+
+def _reference_attention(q, k, v, mask, dtype):
+    """The autodiff formulation `linear.attention` replaces (logits and softmax in float32)."""
+    q = q.astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k.astype(jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype)), probs
+
+
+def _attention_mask(kind):
+    if kind == "none":
+        return None
+    if kind == "causal":  # [1, 1, Q, K] with Q = K
+        return jnp.tril(jnp.ones((5, 5), bool))[None, None]
+    mask = jnp.asarray(RNG.random((2, 1, 5, 5)) > 0.4)  # per example, broadcast over heads
+    return mask.at[0, 0, 1].set(False)  # one query that may attend nowhere
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "random_with_an_empty_row"])
+@pytest.mark.parametrize("loss_reads_probs", [False, True])
+def test_attention_values_and_gradients_equal_autodiff(mask_kind, loss_reads_probs):
+    q, k, v = (jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(3))
+    mask = _attention_mask(mask_kind)
+
+    def loss(fn):
+        def value(q, k, v):
+            y, probs = fn(q, k, v, mask, jnp.float32)
+            extra = jnp.sum(probs * probs[..., ::-1]) if loss_reads_probs else 0.0
+            return jnp.sum(jnp.sin(y)) + extra
+
+        return value
+
+    outputs = (f(q, k, v, mask, jnp.float32) for f in (linear.attention, _reference_attention))
+    for ours, ref in zip(*outputs, strict=True):  # (y, probs)
+        np.testing.assert_allclose(ours, ref, rtol=1e-6, atol=1e-6)
+    got = jax.jit(jax.grad(loss(linear.attention), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    assert float(jnp.max(jnp.abs(got[0]))) > 0  # a gradient that is there to compare
+
+
+def test_attention_bf16_keeps_dtypes_and_is_close_to_float32():
+    q, k, v = (jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.bfloat16) for _ in range(3))
+    y, probs = linear.attention(q, k, v, None, jnp.bfloat16)
+    assert y.dtype == jnp.bfloat16 and probs.dtype == jnp.float32
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, None, jnp.bfloat16)[0].astype(jnp.float32)))
+    got = jax.grad(loss(linear.attention), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w, x in zip(got, want, (q, k, v), strict=True):
+        assert g.dtype == x.dtype
+        np.testing.assert_allclose(g.astype(np.float32), w.astype(np.float32), rtol=0.05, atol=0.05)
+
+
+def test_grad_barrier_on_a_mesh_is_the_identity_without_collectives():
+    """Under a data-parallel mesh the barrier's predicate is read per device: no all-reduce."""
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    n = len(jax.devices())
+    x = jnp.asarray(RNG.normal(size=(2 * n, 3, 4)), jnp.float32)
+    w = jnp.asarray(RNG.normal(size=(4, 4)), jnp.float32)
+
+    def loss(x, w, barrier):
+        y = linear.grad_barrier(x) if barrier else x
+        return jnp.sum(jnp.sin(y @ w) * x)
+
+    grad = lambda barrier: jax.jit(jax.grad(lambda x, w: loss(x, w, barrier)))
+    with jax.set_mesh(mesh):
+        x = jax.device_put(x, spec)
+        want = grad(False)(x, w)
+        got = grad(True)(x, w)
+        hlo = grad(True).lower(x, w).compile().as_text()
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    if jax.default_backend() == "cpu" and n > 1:
+        assert " conditional(" in hlo  # the barrier is there...
+        assert "all-reduce(" not in hlo  # ...and reads its predicate without communicating
+
+
+def test_per_batch_shard_applies_fn_per_shard_or_whole():
+    from transfer import sharding
+
+    x = jnp.arange(48.0).reshape(16, 3)
+    first_row = lambda a: a - a[0]  # shows where the shard boundaries are
+    np.testing.assert_array_equal(sharding.per_batch_shard(first_row, x), x - x[0])  # no mesh
+    n = len(jax.devices())
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("data",))
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda a: sharding.per_batch_shard(first_row, a))(x)
+        odd = jax.jit(lambda a: sharding.per_batch_shard(first_row, a))(x[: n - 1 or 1])
+    want = np.concatenate([c - c[0] for c in np.split(np.asarray(x), n)])  # 16 rows over n shards
+    np.testing.assert_array_equal(out, want)
+    np.testing.assert_array_equal(odd, x[: n - 1 or 1] - x[0])  # not divisible: the whole array

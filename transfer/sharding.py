@@ -190,18 +190,11 @@ def put_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) ->
     }
 
 
-def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
-    """Asks XLA to keep dim 0 of an activation (or each leaf of a pytree) split over the batch axes.
-
-    For model code: a no-op outside a mesh context (`jax.set_mesh`, which the train loop, the jitted init and the
-    evaluators run under), so the same model runs un-annotated anywhere else. `batch_axes` None = every mesh axis
-    of size > 1, which is the loop's batch sharding for the default `config.batch_axes = None`; a task that sets
-    `config.batch_axes` passes the same axes. Only axes of type Auto take part (inside `shard_map` the manual axes
-    are already split). A leaf whose dim 0 the axes' total size does not divide is returned unchanged.
-    """
+def _batch_axes(batch_axes: Sequence[str] | str | None) -> tuple[tuple[str, ...], int]:
+    """(the context mesh's Auto axes the batch is split over, their total size); ((), 1) without a mesh."""
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
-        return x
+        return (), 1
     if batch_axes is None:
         axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     else:
@@ -213,7 +206,19 @@ def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
                 "pass names from config.mesh (or None for all of them)."
             )
     axes = tuple(a for a in axes if a in mesh.auto_axes)
-    shards = math.prod(mesh.shape[a] for a in axes)
+    return axes, math.prod(mesh.shape[a] for a in axes)
+
+
+def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
+    """Asks XLA to keep dim 0 of an activation (or each leaf of a pytree) split over the batch axes.
+
+    For model code: a no-op outside a mesh context (`jax.set_mesh`, which the train loop, the jitted init and the
+    evaluators run under), so the same model runs un-annotated anywhere else. `batch_axes` None = every mesh axis
+    of size > 1, which is the loop's batch sharding for the default `config.batch_axes = None`; a task that sets
+    `config.batch_axes` passes the same axes. Only axes of type Auto take part (inside `shard_map` the manual axes
+    are already split). A leaf whose dim 0 the axes' total size does not divide is returned unchanged.
+    """
+    axes, shards = _batch_axes(batch_axes)
 
     def one(leaf: Any) -> Any:
         shape = getattr(leaf, "shape", ())
@@ -223,3 +228,17 @@ def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
         return jax.lax.with_sharding_constraint(leaf, spec)
 
     return jax.tree.map(one, x)
+
+
+def per_batch_shard(fn: Any, x: jax.Array) -> jax.Array:
+    """``fn(x)`` run on each device's own batch shard (dim 0 split as `constrain_batch` splits it).
+
+    For element-wise ``fn`` that must not communicate: under a mesh, a data-dependent scalar read from a
+    sharded array (``x[0]``) costs a cross-device collective; inside `jax.shard_map` it is local. Without a
+    mesh, or when the batch axes do not divide dim 0, it is plain ``fn(x)``.
+    """
+    axes, shards = _batch_axes(None)
+    if not axes or not x.ndim or x.shape[0] % shards:
+        return fn(x)
+    spec = PartitionSpec(axes, *[None] * (x.ndim - 1))
+    return jax.shard_map(fn, in_specs=spec, out_specs=spec, axis_names=set(axes))(x)
