@@ -1,9 +1,9 @@
-"""Dense-layer matmuls and residual gradients written so that XLA:CPU compiles the backward pass well.
+"""Dense layers, attention, GELU and residual gradients written so that XLA:CPU compiles the backward well.
 
 These helpers change how the backward pass is *written*, never what it computes: forward values and
-gradients equal plain `jax.lax.dot_general` and the identity (tests/test_linear.py). They exist because
-two patterns of JAX's autodiff output hit weak spots of XLA:CPU (measured on the S/16 CapPa step of
-benchmarks/cappa_step.py, BENCHMARKS.md):
+gradients equal the plain JAX formulations (tests/test_linear.py). They exist because patterns of
+JAX's autodiff output hit weak spots of XLA:CPU (measured on the S/16 CapPa step of
+benchmarks/cappa_step.py and found with benchmarks/profile_step.py; BENCHMARKS.md):
 
 * `dot_general`, for `nn.Dense(..., dot_general=linear.dot_general)`: autodiff writes a dense layer's
   weight gradient as `dot_general(g, x)` followed by a transpose to the kernel's `[in, out]` order, and
@@ -15,15 +15,16 @@ benchmarks/cappa_step.py, BENCHMARKS.md):
   traffic growing with depth squared). `lax.optimization_barrier` would stop that, but XLA:CPU strips
   it; a `lax.cond` whose branches are both the identity is a boundary it keeps. Under a mesh the cond
   runs on each device's batch shard (`sharding.per_batch_shard`): its predicate costs no collective.
-
 * `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a sum over rows.
 * `attention`: softmax attention whose backward is written out, every matmul a plain batched
   `[heads, T, D]` product. Autodiff's version made XLA:CPU pick transposed operand and output layouts
   (e.g. `P @ V` computed as `[D, T]`), which ran at 55-95 GFLOP/s and needed extra transposing copies.
+* `gelu`: the MLP's tanh GELU with the tanh recomputed in the backward instead of stored.
 
-Together (the first two): S/16 step 5.5-6.0 s -> 3.9-4.9 s on 2 CPU cores (later runs spread over 3.8-6.4 s as the
-machine's speed drifted; BENCHMARKS.md). On TPU and GPU the rewritten matmuls do the
-same FLOPs and `grad_barrier` is the identity; neither was measured there.
+The first two took the S/16 step from 5.5-6.0 s to 3.9-4.9 s on 2 CPU cores; `attention` then took it
+from 3.75 to 3.42 s (1 device; 4.92 -> 4.56 s on 8 fake devices) in an interleaved A/B (BENCHMARKS.md).
+On TPU and GPU the rewritten ops do the same FLOPs and `grad_barrier` is the identity; none of them was
+measured there.
 """
 
 from __future__ import annotations
@@ -211,6 +212,30 @@ def _attention_bwd(dtype, residuals, cotangents):
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """`jax.nn.gelu` (tanh approximation, flax's default), same values; the backward recomputes the tanh.
+
+    Autodiff keeps the tanh as a second activation-sized array, written in its own pass over the MLP's
+    widest activation; recomputing it in the backward pass is cheaper on CPU than storing and reading it.
+    """
+    return jax.nn.gelu(x, approximate=True)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    c = np.sqrt(2 / np.pi).astype(x.dtype)
+    t = jnp.tanh(c * (x + 0.044715 * (x**3)))
+    slope = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * (x * x))
+    return (g * slope,)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
 class Dense(nn.Module):

@@ -222,9 +222,9 @@ class MlpBlock(nn.Module):
             name=name,
         )
         if self.mlp_type == "gelu":
-            h = nn.gelu(dense(self.mlp_dim, "wi")(x))
+            h = linear.gelu(dense(self.mlp_dim, "wi")(x))
         elif self.mlp_type == "geglu":
-            h = nn.gelu(dense(self.mlp_dim, "wi_0")(x)) * dense(self.mlp_dim, "wi_1")(x)
+            h = linear.gelu(dense(self.mlp_dim, "wi_0")(x)) * dense(self.mlp_dim, "wi_1")(x)
         else:
             raise ValueError(f"unknown mlp_type {self.mlp_type!r}")
         if self.normformer:

@@ -241,3 +241,16 @@ def test_per_batch_shard_applies_fn_per_shard_or_whole():
     want = np.concatenate([c - c[0] for c in np.split(np.asarray(x), n)])  # 16 rows over n shards
     np.testing.assert_array_equal(out, want)
     np.testing.assert_array_equal(odd, x[: n - 1 or 1] - x[0])  # not divisible: the whole array
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)]
+)  # (1 + tanh) cancels in the tails
+def test_gelu_equals_jax_gelu_in_value_and_gradient(dtype, tol):
+    x = jnp.asarray(np.linspace(-6, 6, 301), dtype)
+    np.testing.assert_array_equal(linear.gelu(x), jax.nn.gelu(x, approximate=True))
+    loss = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x).astype(jnp.float32))))
+    got = jax.jit(loss(linear.gelu))(x)
+    want = loss(lambda x: jax.nn.gelu(x, approximate=True))(x)
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), rtol=tol, atol=tol)
