@@ -340,7 +340,8 @@ def benchmark(data_dir: str, quick: bool) -> dict:
     mode = MODES["quick" if quick else "full"]
     load_start = os.getloadavg()
     t_start = time.perf_counter()
-    input_pipeline.get_builder({"name": "scenes", "split": "train", "data_dir": data_dir})
+    with _quiet():  # dataset generation reports to stdout, which is for the one JSON object
+        input_pipeline.get_builder({"name": "scenes", "split": "train", "data_dir": data_dir})
     _log("building the engine steps (full, frozen) and the bare step")
     full = EngineStep(bench_config(data_dir))
     frozen = EngineStep(bench_config(data_dir, frozen=True))
