@@ -181,14 +181,21 @@ def child(model: str, top: int, trace_dir: str) -> dict:
     step.run(1)
     with jax.profiler.trace(trace_dir):
         step_s = step.run(1)
-    path = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)[0]
+    paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+    if not paths:
+        raise SystemExit(f"profile_step: jax.profiler.trace wrote no *.xplane.pb under {trace_dir}")
     events = [
         (line.name, ev.name, ev.start_ns, ev.duration_ns)
-        for plane in _profile_data.ProfileData.from_file(path).planes
+        for plane in _profile_data.ProfileData.from_file(paths[0]).planes
         for line in plane.lines
         if "XLAEigen" in line.name
         for ev in line.events
     ]
+    if not events:
+        raise SystemExit(
+            "profile_step: the trace has no XLA:CPU op events; this jaxlib may not honour "
+            "--xla_cpu_enable_xprof_traceme (needs the CPU backend, flag set before JAX starts)"
+        )
     out = summarise(events, step.step_fn.as_text(), step_s, top)
     out["model"], out["devices"] = model, jax.device_count()
     out["model_gflop_per_step"] = round(step.gflops, 2)

@@ -1,4 +1,4 @@
-"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~4.5 minutes and clearly learns.
+"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~5.5 minutes and clearly learns.
 
   cappa tokenizer train --dataset scenes --vocab_size 256 --model_type bpe --out workdirs/tokenizers/scenes_bpe256.model
   cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny
@@ -47,7 +47,8 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
-    # ~4.5 minutes on 2 idle cores; the loss still falls at the end, so more steps help if time allows.
+    # ~5.5 minutes on 2 idle cores (the demo's stage, evaluators included); the loss still falls at
+    # the end, so more steps help if time allows.
     c.total_steps = 2000
     # Cap only unless `pa`: with Pa at 0.75, 1,500 steps left the tower worse than random on shape.
     if args["cap"] and args["pa"]:

@@ -18,7 +18,7 @@ benchmarks/cappa_step.py and found with benchmarks/profile_step.py; BENCHMARKS.m
 * `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a sum over rows.
 * `attention`: softmax attention whose backward is written out, every matmul a plain batched
   `[heads, T, D]` product. Autodiff's version made XLA:CPU pick transposed operand and output layouts
-  (e.g. `P @ V` computed as `[D, T]`), which ran at 55-95 GFLOP/s and needed extra transposing copies.
+  (e.g. `P @ V` computed as `[D, T]`), which ran at 55-97 GFLOP/s and needed extra transposing copies.
 * `gelu`: the MLP's tanh GELU with the tanh recomputed in the backward instead of stored.
 
 The first two took the S/16 step from 5.5-6.0 s to 3.9-4.9 s on 2 CPU cores; `attention` then took it
