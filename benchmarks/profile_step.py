@@ -1,6 +1,7 @@
 """Where the CapPa train step's time goes on XLA:CPU: one traced step, op time by kind; prints one JSON object.
 
-    .venv/bin/python benchmarks/profile_step.py [--model s16|tiny] [--devices 1] [--top 15] [--trace_dir DIR]
+    .venv/bin/python benchmarks/profile_step.py [--model s16|tiny] [--devices 1] [--malloc default]
+        [--top 15] [--trace_dir DIR]
 
 Why: the MFU of `cappa_step.py` says how far the step is from the matmul peak, not why. This script runs
 the same engine step (`cappa_step.EngineStep`) once under `jax.profiler.trace` with XLA:CPU's per-op
@@ -15,6 +16,8 @@ reports:
 * `matmuls`: the matmul fusions grouped by operand and result shapes, with achieved GFLOP/s; compare
   with `cappa_step.py`'s matmul peak to find the shapes and layouts that run slowly.
 * `loop_fusions`: the XLA loop fusions grouped by the model op they come from (block index removed).
+* `kernel`: the step's sys time and page faults, which no op event shows (`child_env.py`: the
+  temporary buffer re-faulted every step was found this way; `--malloc hugepages` is the fix).
 
 This is how the attention backward (`pretrain/linear.attention`) and the residual-gradient barrier were
 found. Timings are one step on a noisy machine: read the shares, not the absolute numbers.
@@ -28,6 +31,7 @@ import glob
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -36,6 +40,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from child_env import MALLOC, child_env  # noqa: E402
 
 _INSTR = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$")
 _COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
@@ -179,8 +185,10 @@ def child(model: str, top: int, trace_dir: str) -> dict:
 
     step = cappa_step.EngineStep(model)
     step.run(1)
+    before = resource.getrusage(resource.RUSAGE_SELF)
     with jax.profiler.trace(trace_dir):
         step_s = step.run(1)
+    after = resource.getrusage(resource.RUSAGE_SELF)
     paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
     if not paths:
         raise SystemExit(f"profile_step: jax.profiler.trace wrote no *.xplane.pb under {trace_dir}")
@@ -198,6 +206,10 @@ def child(model: str, top: int, trace_dir: str) -> dict:
         )
     out = summarise(events, step.step_fn.as_text(), step_s, top)
     out["model"], out["devices"] = model, jax.device_count()
+    out["kernel"] = {  # includes the tracer's own work
+        "sys_s": round(after.ru_stime - before.ru_stime, 3),
+        "minor_faults": after.ru_minflt - before.ru_minflt,
+    }
     out["model_gflop_per_step"] = round(step.gflops, 2)
     return out
 
@@ -207,6 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--model", default="s16", choices=["s16", "tiny"])
     parser.add_argument(
         "--devices", type=int, default=1, help="fake CPU devices (1 or 8 as cappa_step)"
+    )
+    parser.add_argument(
+        "--malloc", default="default", choices=list(MALLOC), help="C library malloc setting"
     )
     parser.add_argument("--top", type=int, default=15, help="rows of the matmul and loop tables")
     parser.add_argument(
@@ -218,12 +233,8 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(args.model, args.top, trace_dir)), flush=True)
         return
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    flags += [
-        f"--xla_force_host_platform_device_count={args.devices}",
-        "--xla_cpu_enable_xprof_traceme=true",
-    ]
-    env = dict(os.environ, XLA_FLAGS=" ".join(flags), TF_CPP_MIN_LOG_LEVEL="2")
+    env = child_env(args.devices, args.malloc, ("--xla_cpu_enable_xprof_traceme=true",))
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     cmd = [sys.executable, os.path.abspath(__file__), "--child", "--model", args.model]
     cmd += ["--top", str(args.top), "--trace_dir", trace_dir]
     t0 = time.perf_counter()
