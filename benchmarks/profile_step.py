@@ -16,6 +16,7 @@ reports:
 * `matmuls`: the matmul fusions grouped by operand and result shapes, with achieved GFLOP/s; compare
   with `cappa_step.py`'s matmul peak to find the shapes and layouts that run slowly.
 * `loop_fusions`: the XLA loop fusions grouped by the model op they come from (block index removed).
+* `rendezvous_s_per_thread`: time each device thread waits for the others at collectives.
 * `kernel`: the step's sys time and page faults, which no op event shows (`child_env.py`: the
   temporary buffer re-faulted every step was found this way; `--malloc hugepages` is the fix).
 
@@ -132,10 +133,17 @@ def summarise(events: list, hlo_text: str, step_s: float, top: int) -> dict:
             op_name = instructions[name][1].replace("jit(step_fn)/", "")
             loops[re.sub(r"block_\d+", "block_N", op_name)] += dur
     wall, concurrency = _wall_shares(ops, instructions, computations)
+    waits = collections.Counter()
+    for thread, name, _, dur in events:
+        if name == "Rendezvous":
+            waits[thread] += dur
     return {
         "step_s": round(step_s, 4),
         "op_time_s": {k: round(v / 1e9, 4) for k, v in op_time.most_common()},
         "wall_s": {k: round(v / 1e9, 4) for k, v in wall.most_common()},
+        # Threads waiting for each other at collectives. Combined (tuple) all-reduces have no op
+        # event of their own in XLA:CPU's trace: their time shows only here and as 0 ops running.
+        "rendezvous_s_per_thread": round(sum(waits.values()) / max(len(waits), 1) / 1e9, 4),
         "ops_running_at_once_s": {
             str(k): round(v / 1e9, 4) for k, v in sorted(concurrency.items())
         },

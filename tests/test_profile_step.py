@@ -42,6 +42,9 @@ EVENTS = [
     ("t1", "tanh_fusion", 500 * MS, 1000 * MS),
     ("t0", "all-reduce.1", 1500 * MS, 100 * MS),
     ("t0", "ThunkExecutor::Execute", 0, 1600 * MS),
+    ("t0", "Rendezvous", 1500 * MS, 60 * MS),  # waits: t0 60 ms + 20 ms, t1 40 ms
+    ("t0", "Rendezvous", 1600 * MS, 20 * MS),
+    ("t1", "Rendezvous", 1500 * MS, 40 * MS),
 ]
 
 
@@ -53,6 +56,7 @@ def test_summary_of_a_known_trace():
         {"matmul fusion": 0.75, "loop fusion": 0.75, "collective": 0.1}
     )
     assert out["ops_running_at_once_s"]["1"] == pytest.approx(1.1)
+    assert out["rendezvous_s_per_thread"] == pytest.approx((0.08 + 0.04) / 2)
     assert out["ops_running_at_once_s"]["2"] == pytest.approx(0.5)
     (matmul,) = out["matmuls"]
     assert matmul["count"] == 1
