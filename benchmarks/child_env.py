@@ -6,7 +6,7 @@ the C library), so a benchmark that compares settings runs one child process per
 Why the malloc setting matters on CPU hosts: XLA:CPU allocates each execution's temporary buffer
 with malloc (2.3 GB for the S/16 CapPa step) and frees it afterwards. glibc serves a block that big
 with a fresh `mmap`, so every step page-faults the whole buffer in again, 4 KiB at a time, and the
-kernel zeroes each page: ~570k faults and 13 % of the CPU time of the step on this machine.
+kernel zeroes each page: ~600k faults and 13-18 % of the CPU time of the step on this machine.
 `glibc.malloc.hugetlb=1` (glibc >= 2.35) makes malloc ask for transparent huge pages on such
 blocks (`madvise(MADV_HUGEPAGE)`; the kernel must allow THP in `madvise` or `always` mode), which cuts
 the faults ~100x. The other fix, one heap that keeps freed memory (`arena_max=1`, `mmap_max=0`),
