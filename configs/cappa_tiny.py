@@ -48,7 +48,8 @@ def get_config(arg=None):
     c.task = "pretrain.cappa_task"
     c.seed = 0
     # ~5.5 minutes on 2 idle cores (the demo's stage, evaluators included; 4.4 with huge pages, as
-    # `make` runs it: see the README's CPU-hosts note); the loss still falls at the end, so more steps help if time allows.
+    # `make` runs it: see the README's CPU-hosts note); the loss still falls at the end, so more
+    # steps help if time allows.
     c.total_steps = 2000
     # Cap only unless `pa`: with Pa at 0.75, 1,500 steps left the tower worse than random on shape.
     if args["cap"] and args["pa"]:
