@@ -31,13 +31,20 @@ def child_env(
     base: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """`base` (default: this process's environment) with `devices` fake CPU devices, extra XLA flags
-    and the malloc setting added to any `GLIBC_TUNABLES` already there."""
+    and exactly the `malloc` setting: inherited `glibc.malloc.*` tunables are dropped (a shell that
+    exports the hugepages setting must not turn the "default" child into a hugepages one), other
+    tunables are kept."""
     if malloc not in MALLOC:
         raise ValueError(f"unknown malloc setting {malloc!r}; choose one of {sorted(MALLOC)}")
     env = dict(os.environ if base is None else base)
     flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(DEVICE_COUNT_FLAG)]
     env["XLA_FLAGS"] = " ".join([*flags, f"{DEVICE_COUNT_FLAG}={devices}", *extra_xla_flags])
-    tunable = MALLOC[malloc]
-    if tunable:
-        env["GLIBC_TUNABLES"] = ":".join(t for t in (env.get("GLIBC_TUNABLES"), tunable) if t)
+    tunables = [
+        t
+        for t in env.pop("GLIBC_TUNABLES", "").split(":")
+        if t and not t.startswith("glibc.malloc.")
+    ]
+    tunables += [MALLOC[malloc]] if MALLOC[malloc] else []
+    if tunables:
+        env["GLIBC_TUNABLES"] = ":".join(tunables)
     return env

@@ -27,11 +27,18 @@ def test_device_count_replaced_and_other_flags_kept():
     assert base["XLA_FLAGS"].endswith("--xla_b=2")  # the caller's dict is not modified
 
 
-def test_malloc_setting_appended_to_existing_tunables():
-    env = child_env(1, "hugepages", base={"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
-    assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=2:{MALLOC['hugepages']}"
+def test_exactly_the_malloc_setting_other_tunables_kept():
+    inherited = {
+        "GLIBC_TUNABLES": f"glibc.rtld.nns=2:{MALLOC['hugepages']}:glibc.malloc.arena_max=2"
+    }
+    # A shell that exports the hugepages setting must not turn the default child into one.
+    assert child_env(1, "default", base=inherited)["GLIBC_TUNABLES"] == "glibc.rtld.nns=2"
+    env = child_env(1, "hugepages", base=inherited)
+    assert env["GLIBC_TUNABLES"] == f"glibc.rtld.nns=2:{MALLOC['hugepages']}"
     assert child_env(1, "hugepages", base={})["GLIBC_TUNABLES"] == MALLOC["hugepages"]
-    assert child_env(1, "default", base={"GLIBC_TUNABLES": "x=1"})["GLIBC_TUNABLES"] == "x=1"
+    assert "GLIBC_TUNABLES" not in child_env(
+        1, "default", base={"GLIBC_TUNABLES": MALLOC["hugepages"]}
+    )
     with pytest.raises(ValueError, match="unknown malloc setting 'jemalloc'.*hugepages"):
         child_env(1, "jemalloc", base={})
 
