@@ -107,6 +107,18 @@ def test_round_trip_gives_the_whitespace_normalised_text(tok, corpus):
     assert tok.decode(ids) == [" ".join(t.split()) for t in corpus]
 
 
+def test_batched_and_per_text_encoding_give_the_same_ids(tok, corpus):
+    """Below `_BATCH_MIN` texts encode calls SentencePiece once per text, above it once per batch."""
+    from transfer import tokenizer as tokenizer_lib
+
+    texts = corpus[: tokenizer_lib._BATCH_MIN * 2]
+    assert len(texts) >= tokenizer_lib._BATCH_MIN
+    batched = tok.encode(texts, 24)
+    one_by_one = np.concatenate([tok.encode(t, 24) for t in texts])
+    np.testing.assert_array_equal(batched, one_by_one)
+    np.testing.assert_array_equal(tok.encode(texts[:3], 24), batched[:3])
+
+
 def test_layout_is_pieces_eos_pad(tok, corpus):
     for text in corpus[:20]:
         pieces = tok.processor.encode(text)
