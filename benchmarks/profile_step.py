@@ -12,7 +12,8 @@ reports:
 * `op_time_s`: summed op durations by kind (matmul fusions, other library fusions, XLA loop fusions,
   collectives). Ops that run at the same time on different threads both count.
 * `wall_s`: the step's wall time shared out among the ops running at each instant, by the same kinds,
-  and how long 0, 1, 2, ... ops ran at once (one thread each, or a library op using the pool).
+  and how long 0, 1, 2, ... ops ran at once (one thread each, or a library op using the pool);
+  `compute_ops_running_at_once_s` counts the same without collectives.
 * `matmuls`: the matmul fusions grouped by operand and result shapes, with achieved GFLOP/s; compare
   with `cappa_step.py`'s matmul peak to find the shapes and layouts that run slowly.
 * `loop_fusions`: the XLA loop fusions grouped by the model op they come from (block index removed).
@@ -133,6 +134,8 @@ def summarise(events: list, hlo_text: str, step_s: float, top: int) -> dict:
             op_name = instructions[name][1].replace("jit(step_fn)/", "")
             loops[re.sub(r"block_\d+", "block_N", op_name)] += dur
     wall, concurrency = _wall_shares(ops, instructions, computations)
+    compute = [e for e in ops if classify(e[1], instructions, computations) != "collective"]
+    _, compute_concurrency = _wall_shares(compute, instructions, computations)
     waits = collections.Counter()
     for thread, name, _, dur in events:
         if name == "Rendezvous":
@@ -146,6 +149,10 @@ def summarise(events: list, hlo_text: str, step_s: float, top: int) -> dict:
         "rendezvous_s_per_thread": round(sum(waits.values()) / max(len(waits), 1) / 1e9, 4),
         "ops_running_at_once_s": {
             str(k): round(v / 1e9, 4) for k, v in sorted(concurrency.items())
+        },
+        # The same without collectives: "0" is time in which no thread computes (all wait).
+        "compute_ops_running_at_once_s": {
+            str(k): round(v / 1e9, 4) for k, v in sorted(compute_concurrency.items())
         },
         "matmuls": [
             {

@@ -64,3 +64,14 @@ def test_summary_of_a_known_trace():
     assert matmul["time_s"] == 1.0 and matmul["gflops_per_s"] == round(2 * 4 * 8 * 16 / 1e9, 1)
     assert matmul["shapes"] == "f32[4,16]{1,0} <- f32[4,8]{1,0}, f32[8,16]{1,0}"
     assert out["loop_fusions"] == [{"op": "Model/block_N/mlp/tanh", "time_s": 1.0}]
+
+
+def test_time_in_which_only_collectives_run_counts_as_no_compute():
+    events = [
+        ("t0", "ynn_fusion.1", 0, 100 * MS),
+        ("t0", "all-reduce.1", 100 * MS, 200 * MS),  # every thread waits: nothing computes
+        ("t1", "tanh_fusion", 300 * MS, 100 * MS),
+    ]
+    out = profile_step.summarise(events, HLO, step_s=0.4, top=5)
+    assert out["compute_ops_running_at_once_s"] == pytest.approx({"0": 0.2, "1": 0.2})
+    assert out["ops_running_at_once_s"] == pytest.approx({"0": 0.0, "1": 0.4})
