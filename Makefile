@@ -5,7 +5,8 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WORKDIR ?= runs/demo
 # Large malloc blocks on transparent huge pages: otherwise XLA:CPU's per-step temporary buffer is
-# page-faulted in 4 KiB pages every step (benchmarks/child_env.py). glibc < 2.35 ignores it.
+# page-faulted in 4 KiB pages every step (benchmarks/child_env.py). glibc < 2.35 ignores it; a
+# GLIBC_TUNABLES already in the environment wins (add glibc.malloc.hugetlb=1 to it yourself).
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 
 .PHONY: setup demo test lint bench clean
