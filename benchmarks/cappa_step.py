@@ -13,6 +13,7 @@ What and why:
 * 1 and 8 fake CPU devices, one child process each (`--xla_force_host_platform_device_count` must be
   set before JAX starts). Each child interleaves rounds of {matmul peak, tiny steps, S/16 steps}, so
   MFU divides by a peak measured in the same round; the machine drifts, and ratios are what count.
+  Each model's timed steps follow one untimed warm-up step of that model (`timed_rounds` says why).
 * Each setting runs twice: with the C library's default malloc and with large blocks on transparent
   huge pages (`child_env.py` says why: XLA:CPU re-faults its 2.3 GB temporary buffer every step). The
   children also report kernel (sys) time and page faults per step.
@@ -36,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from statistics import median
 from unittest import mock
 
@@ -178,21 +180,37 @@ def _quiet() -> contextlib.AbstractContextManager:
     return contextlib.redirect_stdout(sys.stderr)  # stdout is reserved for the JSON
 
 
-def child(mode: dict) -> dict:
-    """One device setting: builds both steps, then interleaved rounds of peak / tiny / s16."""
-    steps = {name: EngineStep(name) for name in MODELS}
-    times: dict[str, list] = {"peak": [], **{n: [] for n in steps}}
-    kernel = {n: collections.Counter() for n in steps}  # sys time and page faults, summed
-    for r in range(mode["rounds"]):
-        _log(f"{jax.device_count()} device(s): round {r + 1}/{mode['rounds']}")
-        times["peak"].append(matmul_peak_gflops())
-        order = list(steps)[:: 1 if r % 2 else -1]
-        for name in order:
+def timed_rounds(
+    runs: dict[str, Callable[[int], float]], peak: Callable[[], float], rounds: int, steps: int
+) -> tuple[dict[str, list], dict[str, collections.Counter]]:
+    """Rounds of {peak, each model}: per model one warm-up step, then `steps` timed ones.
+
+    A training run calls one step back to back. The first S/16 step after a few steps of the other
+    model is not that steady state: it took ~1.1 s longer here, as kernel (sys) time with the same
+    number of page faults. The warm-up step absorbs it; its time is kept as `<name>_warmup`.
+    The model order flips every round. Returns (times by key, summed sys time and page faults of the
+    timed steps by model).
+    """
+    times: dict[str, list] = {"peak": [], **{k: [] for n in runs for k in (n, f"{n}_warmup")}}
+    kernel = {name: collections.Counter() for name in runs}
+    for r in range(rounds):
+        _log(f"{jax.device_count()} device(s): round {r + 1}/{rounds}")
+        times["peak"].append(peak())
+        for name in list(runs)[:: 1 if r % 2 else -1]:
+            times[f"{name}_warmup"].append(runs[name](1))
             before = resource.getrusage(resource.RUSAGE_SELF)
-            times[name].append(steps[name].run(mode["steps"]))
+            times[name].append(runs[name](steps))
             after = resource.getrusage(resource.RUSAGE_SELF)
             kernel[name]["sys_s"] += after.ru_stime - before.ru_stime
             kernel[name]["minor_faults"] += after.ru_minflt - before.ru_minflt
+    return times, kernel
+
+
+def child(mode: dict) -> dict:
+    """One device setting: builds both steps, then `timed_rounds` of peak / tiny / s16."""
+    steps = {name: EngineStep(name) for name in MODELS}
+    runs = {name: step.run for name, step in steps.items()}
+    times, kernel = timed_rounds(runs, matmul_peak_gflops, mode["rounds"], mode["steps"])
     n_steps = mode["rounds"] * mode["steps"]
     out = {"devices": jax.device_count(), "peak_gflops": times["peak"], "models": {}}
     for name, step in steps.items():
@@ -201,6 +219,8 @@ def child(mode: dict) -> dict:
         out["models"][name] = {
             "step_time_s": round(t, 4),
             "step_time_s_range": [round(min(times[name]), 4), round(max(times[name]), 4)],
+            # The untimed step before each round's timed ones (see `timed_rounds`).
+            "warmup_step_s_per_round": [round(t, 4) for t in times[f"{name}_warmup"]],
             "examples_per_s": round(step.batch_size / t, 2),
             "batch": step.batch_size,
             "model_gflops_per_step": round(step.gflops, 2),

@@ -28,3 +28,32 @@ def test_verdict_passes_at_the_target_and_gives_8_over_1_device_times():
     assert verdict["mfu_s16"] == {"1dev": target, "8dev": target - 0.01}
     assert verdict["pass"] == {"1dev": True, "8dev": False}
     assert verdict["time_8dev_over_1dev"] == {"s16": 1.2, "tiny": 1.5}
+
+
+def test_timed_rounds_warms_each_model_up_before_timing_it_and_flips_the_order():
+    calls = []
+
+    def runner(name: str):
+        def run(steps: int) -> float:
+            calls.append((name, steps))
+            return {"a": 1.0, "b": 2.0}[name] * (10 if steps == 1 else 1)  # warm-ups are slow
+
+        return run
+
+    peaks = iter([100.0, 200.0, 300.0])
+    calls_peak = lambda: calls.append(("peak", 0)) or next(peaks)  # noqa: E731
+    times, kernel = cappa_step.timed_rounds(
+        {"a": runner("a"), "b": runner("b")}, calls_peak, rounds=3, steps=2
+    )
+    round_0 = [("peak", 0), ("b", 1), ("b", 2), ("a", 1), ("a", 2)]
+    round_1 = [("peak", 0), ("a", 1), ("a", 2), ("b", 1), ("b", 2)]
+    assert calls == round_0 + round_1 + round_0
+    # Timed entries hold only the timed runs; the slow warm-ups are kept apart.
+    assert times == {
+        "peak": [100.0, 200.0, 300.0],
+        "a": [1.0] * 3,
+        "a_warmup": [10.0] * 3,
+        "b": [2.0] * 3,
+        "b_warmup": [20.0] * 3,
+    }
+    assert set(kernel) == {"a", "b"} and all(k["sys_s"] >= 0 for k in kernel.values())
