@@ -196,7 +196,6 @@ def _wall_shares(ops: list, instructions: dict, computations: dict):
 def child(model: str, top: int, trace_dir: str) -> dict:
     import cappa_step
     import jax
-    from jax._src.lib import _profile_data
 
     step = cappa_step.EngineStep(model)
     step.run(1)
@@ -209,7 +208,7 @@ def child(model: str, top: int, trace_dir: str) -> dict:
         raise SystemExit(f"profile_step: jax.profiler.trace wrote no *.xplane.pb under {trace_dir}")
     events = [
         (line.name, ev.name, ev.start_ns, ev.duration_ns)
-        for plane in _profile_data.ProfileData.from_file(paths[0]).planes
+        for plane in jax.profiler.ProfileData.from_file(paths[0]).planes
         for line in plane.lines
         if "XLAEigen" in line.name
         for ev in line.events
