@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import os
+import types
 
 _PATH = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "cappa_step.py")
 _spec = importlib.util.spec_from_file_location("cappa_step", _PATH)
@@ -57,3 +59,18 @@ def test_timed_rounds_warms_each_model_up_before_timing_it_and_flips_the_order()
         "b_warmup": [20.0] * 3,
     }
     assert set(kernel) == {"a", "b"} and all(k["sys_s"] >= 0 for k in kernel.values())
+
+
+def test_model_summary_pairs_rounds_for_mfu_and_also_gives_medians():
+    step = types.SimpleNamespace(gflops=600.0, gflops_per_device=75.0, batch_size=16)
+    times = {"peak": [300.0, 400.0, 200.0], "s16": [4.0, 3.0, 5.0], "s16_warmup": [4.1, 5.2, 4.9]}
+    kernel = collections.Counter(sys_s=3.0, minor_faults=6000)
+    out = cappa_step.model_summary("s16", times, kernel, step, n_steps=6)
+    # Per round: 600 / (4 * 300) = 0.5, 600 / (3 * 400) = 0.5, 600 / (5 * 200) = 0.6.
+    assert out["mfu_per_round"] == [0.5, 0.5, 0.6]
+    assert out["mfu_vs_matmul_peak"] == 0.5
+    assert out["mfu_median_step_over_median_peak"] == 0.5  # 600 / (4 * 300)
+    assert out["step_time_s"] == 4.0 and out["step_time_s_range"] == [3.0, 5.0]
+    assert out["examples_per_s"] == 4.0
+    assert out["warmup_step_s_per_round"] == [4.1, 5.2, 4.9]
+    assert (out["sys_s_per_step"], out["minor_faults_per_step"]) == (0.5, 1000)
