@@ -9,6 +9,7 @@ Caption-scoring evaluators (zero-shot classification, pairwise choice) come from
 from __future__ import annotations
 
 import math
+import os
 from typing import Any
 
 import jax
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 from pretrain import cappa
 from transfer import evaluators as evaluators_lib
-from transfer import metrics
+from transfer import metrics, plots
 
 DEFAULTS = dict(
     masked_pred_prob=0.75,  # the paper's Pa fraction; 0 = plain captioning (Cap)
@@ -117,6 +118,65 @@ class Task:
         from pretrain import scoring  # Lazy: it registers pp ops only evaluator pipelines use.
 
         return {"perplexity": PerplexityEvaluator, **scoring.EVALUATORS}
+
+    def finalize(self, workdir: str) -> None:
+        """The loop's end-of-run hook: WORKDIR/pretrain.md and curves.png."""
+        write_report(workdir, self.config)
+
+
+# Bookkeeping an evaluator logs next to its metrics: not results.
+_BOOKKEEPING = ("seconds", "tokens", "nll_sum", "images")
+_TRAINING = ("train/loss", "train/loss_cap", "train/loss_pa", "examples_per_sec", "perf/mfu")
+
+
+def write_report(workdir: str, config: Any) -> str:
+    """What a pretraining run reached, as a person reads it: the set-up, every evaluator's last numbers,
+    the training loss from first to last log, and the curves. Returns the markdown."""
+    rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
+    last = metrics.last_values(rows)
+    first = {k: next((r[k] for r in rows if k in r), None) for k in _TRAINING}
+    kw = cappa.model_kwargs(config.model)
+    img, txt = kw["img_kw"], kw["txt_kw"]
+    patch = img["patch_size"]  # a variant gives (16, 16)
+    patch = patch[0] if isinstance(patch, tuple | list) and len(set(patch)) == 1 else patch
+    evals = [
+        dict(metric=k, value=v)
+        for k, v in sorted(last.items())
+        if "/" in k
+        and not k.startswith(("train/", "input/", "perf/", "model_init/"))
+        and not k.endswith(_BOOKKEEPING)
+    ]
+    unused = {0.0: "train/loss_pa", 1.0: "train/loss_cap"}.get(float(config.masked_pred_prob))
+    training = [
+        dict(metric=k, first=first[k], last=last[k]) for k in _TRAINING if k in last and k != unused
+    ]
+    steps, batch = int(config.total_steps), int(config.input.batch_size)
+    lines = [
+        "# CapPa pretraining",
+        "",
+        f"- image tower: {img['depth']} x {img['width']}, patch {patch}, "
+        f"{img.get('num_registers', 0)} registers; decoder: {txt['depth']} x {txt['width']}, "
+        f"vocab {txt['vocab_size']}, {txt['max_len']} tokens",
+        f"- objective: parallel prediction for {float(config.masked_pred_prob):.0%} of examples, "
+        f"captioning for the rest; label smoothing {config.label_smoothing}",
+        f"- steps: {steps}, batch {batch} ({steps * batch:,} examples); init: "
+        f"`{config.get('model_init')}`",
+        "",
+        "## Evaluators (last evaluation)",
+        "",
+        plots.markdown_table(evals, ["metric", "value"]) if evals else "No evaluator ran.",
+        "",
+        "## Training (first and last logged value)",
+        "",
+        plots.markdown_table(training, ["metric", "first", "last"]),
+        "",
+        f"![curves]({os.path.basename(plots.plot_run(workdir))})",
+        "",
+    ]
+    report = "\n".join(lines)
+    with open(os.path.join(workdir, "pretrain.md"), "w") as f:
+        f.write(report)
+    return report
 
 
 class PerplexityEvaluator(evaluators_lib.MeanEvaluator):

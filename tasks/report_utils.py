@@ -15,17 +15,10 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
+from transfer.metrics import last_values
+
 # Bookkeeping values an evaluator logs next to its metrics: not compared before/after.
 _NOT_METRICS = ("seconds", "images", "tokens", "nll_sum")
-
-
-def last_values(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per key, the last value logged at a step > 0."""
-    last: dict[str, Any] = {}
-    for row in rows:
-        if row["step"] > 0:
-            last.update({k: v for k, v in row.items() if k != "step"})
-    return last
 
 
 def collapse_rows(rows: Sequence[dict], names: Sequence[str]) -> list[dict]:

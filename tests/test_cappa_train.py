@@ -166,3 +166,16 @@ def test_flops_per_example_counts_every_scanned_layer(data_dir, scenes_tokenizer
     assert counts[0] == pytest.approx(counts[1], rel=1e-6)
     config.model.img.depth = 4  # one more encoder layer costs more
     assert cappa_task.Task(config).flops_per_example(batch) > counts[0] * 1.05
+
+
+def test_report_gives_the_last_evaluation_and_the_first_and_last_loss(single_device_run):
+    workdir, _, _ = single_device_run
+    rows = _rows(workdir)
+    with open(os.path.join(workdir, "pretrain.md")) as f:
+        report = f.read()
+    assert f"| val/perplexity | {rows[-1]['val/perplexity']:.4f} |" in report
+    assert f"| train/loss | {rows[0]['train/loss']:.4f} | {rows[-1]['train/loss']:.4f} |" in report
+    assert "val/nll_sum" not in report and "val/seconds" not in report  # bookkeeping, not results
+    assert "- image tower: 1 x 32, patch 8, 2 registers; decoder: 1 x 32" in report
+    with open(os.path.join(workdir, "curves.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -72,6 +72,15 @@ class MetricsWriter:
 def read_jsonl(path: str) -> list[dict]:
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def last_values(rows: Sequence[dict]) -> dict[str, Any]:
+    """Per key, the last value logged at a step > 0 (step 0 holds `eval_at_start`'s numbers)."""
+    last: dict[str, Any] = {}
+    for row in rows:
+        if row["step"] > 0:
+            last.update({k: v for k, v in row.items() if k != "step"})
+    return last
 
 
 def _fmt_time(seconds: float) -> str:
