@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -221,3 +222,33 @@ def test_zero_steps_saves_the_initial_state_and_evaluates_it(tiny_config, tmp_pa
         again.metrics == rows[0]
         and len(metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))) == 1
     )
+
+
+class SleepEvaluator:
+    """Off-step work of a known length: sleeps `seconds`, returns a constant."""
+
+    def __init__(self, cfg, **_):
+        self.seconds = cfg["seconds"]
+
+    def run(self, params):
+        time.sleep(self.seconds)
+        return {"slept": self.seconds}
+
+
+def test_speed_leaves_out_evaluator_time_and_the_eta_adds_it_back(tiny_config, tmp_path):
+    apply_overrides(
+        tiny_config,
+        {
+            "total_steps": 6,
+            "evals": {"nap": dict(type="test_train:SleepEvaluator", seconds=2.0, log_steps=2)},
+        },
+    )
+    train.train(tiny_config, str(tmp_path), devices=jax.devices()[:1])
+    rows = {r["step"]: r for r in metrics.read_jsonl(os.path.join(tmp_path, "metrics.jsonl"))}
+    assert [s for s in rows if "nap/slept" in rows[s]] == [2, 4, 6]
+    # One step per window, each of a tiny model: had the 2 s naps after steps 2 and 4 counted, the
+    # windows of steps 3 and 5 would be under 0.5 steps/s.
+    assert all(rows[s]["steps_per_sec"] > 1.0 for s in range(2, 7))
+    # ETA at step 3: 3 steps left, each carrying >= 2 s of naps / 2 steps run since step 1.
+    assert rows[3]["eta_sec"] >= 3.0
+    assert rows[3]["input_wait_frac"] <= 1.0

@@ -93,30 +93,41 @@ def _fmt_time(seconds: float) -> str:
 
 
 class Progress:
-    """Steps/s, examples/s and ETA since the previous report (first compile excluded)."""
+    """Steps/s, examples/s and ETA since the previous report.
+
+    Speed is train-step speed: the first (compiling) step and the time `exclude`d (evaluators,
+    checkpoints) are left out, so `perf/mfu` after an evaluation is not diluted by it. The ETA adds
+    that excluded time back, spread over the steps run so far.
+    """
 
     def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
         self.total_steps = total_steps
         self.batch_size = batch_size
-        self._last_step = start_step
-        self._last_time = time.perf_counter()
+        self.reset(start_step)
 
     def reset(self, step: int) -> None:
         """Call after the first (compiling) step so compile time does not count as speed."""
         self._last_step, self._last_time = step, time.perf_counter()
+        self._first_step, self._excluded, self._overhead = step, 0.0, 0.0
+
+    def exclude(self, seconds: float) -> None:
+        """`seconds` of the current window went to work other than the train step."""
+        self._excluded += seconds
+        self._overhead += seconds
 
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
-        dt = max(now - self._last_time, 1e-9)
+        dt = max(now - self._last_time - self._excluded, 1e-9)
         steps = step - self._last_step
-        self._last_step, self._last_time = step, now
+        self._last_step, self._last_time, self._excluded = step, now, 0.0
         if steps <= 0:
             return {}
         sps = steps / dt
+        overhead_per_step = self._overhead / max(step - self._first_step, 1)
         return {
             "steps_per_sec": sps,
             "examples_per_sec": sps * self.batch_size,
-            "eta_sec": (self.total_steps - step) / sps,
+            "eta_sec": (self.total_steps - step) * (1 / sps + overhead_per_step),
         }
 
     def line(self, step: int, speed: Mapping[str, float], metrics: Mapping[str, Any]) -> str:

@@ -273,6 +273,11 @@ def _model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -
     return jax.device_put(loaded, param_sh), counts
 
 
+def _is_due(every: int | None, step: int, total: int) -> bool:
+    """An evaluator logging every `every` steps runs at this step (and always at the last one)."""
+    return step == total or bool(every and step % every == 0)
+
+
 def _run_evals(
     evals: dict, state: dict, step: int, total: int, workdir: str, every_one: bool = False
 ) -> dict:
@@ -280,7 +285,7 @@ def _run_evals(
     `write(workdir, step, name)` method then writes its files (predictions, samples) on process 0."""
     out = {}
     for name, (evaluator, every) in evals.items():
-        if every_one or step == total or (every and step % every == 0):
+        if every_one or _is_due(every, step, total):
             t0 = time.perf_counter()
             results = evaluator.run(tree.merge(state["params"], state["frozen"]))
             out.update({f"{name}/{k}": v for k, v in results.items()})
@@ -423,12 +428,17 @@ def run_loop(run: Run) -> RunResult:
                 window_start, input_wait = time.perf_counter(), 0.0
                 row.update(data_iter.stats())
                 _check_finite(state, mngr, workdir)
+            save_due = step % config.ckpt_steps == 0 or step == total or stopping
+            off_step = save_due or any(_is_due(every, step, total) for _, every in evals.values())
+            if off_step:  # Evaluators and checkpoints are not train-step speed (Progress.exclude).
+                jax.block_until_ready(step_metrics)
+                off_start = time.perf_counter()
             row.update(_run_evals(evals, state, step, total, workdir))
             if row:
                 last_row = writer.write(step, row)
                 if is_log:
                     metrics.log(progress.line(step, speed, row))
-            if step % config.ckpt_steps == 0 or step == total or stopping:
+            if save_due:
                 _check_finite(state, mngr, workdir)
                 _save(mngr, step, state, data_iter)
             if stopping and step < total:
@@ -437,6 +447,10 @@ def run_loop(run: Run) -> RunResult:
                     f"Stopped by SIGTERM at step {step}; checkpoint saved in {workdir}. "
                     "Run the same command again to resume."
                 )
+            if off_step:
+                off_seconds = time.perf_counter() - off_start
+                progress.exclude(off_seconds)
+                window_start += off_seconds  # input_wait_frac: a fraction of train time too
         mngr.wait_until_finished()
     finally:
         context.close()
