@@ -161,6 +161,8 @@ def write_report(workdir: str, config: Any) -> str:
         f"captioning for the rest; label smoothing {config.label_smoothing}",
         f"- steps: {steps}, batch {batch} ({steps * batch:,} examples); init: "
         f"`{config.get('model_init')}`",
+        f"- use it: `cappa caption --checkpoint {workdir} IMAGE...`, `cappa attention --checkpoint "
+        f"{workdir} IMAGE`, `cappa probe --checkpoint {workdir} --config configs/fewshot.py`",
         "",
         "## Evaluators (last evaluation)",
         "",
