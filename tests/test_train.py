@@ -251,4 +251,3 @@ def test_speed_leaves_out_evaluator_time_and_the_eta_adds_it_back(tiny_config, t
     assert all(rows[s]["steps_per_sec"] > 1.0 for s in range(2, 7))
     # ETA at step 3: 3 steps left, each carrying >= 2 s of naps / 2 steps run since step 1.
     assert rows[3]["eta_sec"] >= 3.0
-    assert rows[3]["input_wait_frac"] <= 1.0

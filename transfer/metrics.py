@@ -97,7 +97,8 @@ class Progress:
 
     Speed is train-step speed: the first (compiling) step and the time `exclude`d (evaluators,
     checkpoints) are left out, so `perf/mfu` after an evaluation is not diluted by it. The ETA adds
-    that excluded time back, spread over the steps run so far.
+    that excluded time back, spread over the steps run so far. `input_wait_frac` is the share of the
+    same train time spent waiting for the next batch.
     """
 
     def __init__(self, total_steps: int, batch_size: int, start_step: int = 0):
@@ -108,7 +109,11 @@ class Progress:
     def reset(self, step: int) -> None:
         """Call after the first (compiling) step so compile time does not count as speed."""
         self._last_step, self._last_time = step, time.perf_counter()
-        self._first_step, self._excluded, self._overhead = step, 0.0, 0.0
+        self._first_step, self._excluded, self._overhead, self._waited = step, 0.0, 0.0, 0.0
+
+    def input_wait(self, seconds: float) -> None:
+        """`seconds` of the current window went to waiting for the input pipeline."""
+        self._waited += seconds
 
     def exclude(self, seconds: float) -> None:
         """`seconds` of the current window went to work other than the train step."""
@@ -119,7 +124,8 @@ class Progress:
         now = time.perf_counter()
         dt = max(now - self._last_time - self._excluded, 1e-9)
         steps = step - self._last_step
-        self._last_step, self._last_time, self._excluded = step, now, 0.0
+        waited = self._waited
+        self._last_step, self._last_time, self._excluded, self._waited = step, now, 0.0, 0.0
         if steps <= 0:
             return {}
         sps = steps / dt
@@ -128,6 +134,7 @@ class Progress:
             "steps_per_sec": sps,
             "examples_per_sec": sps * self.batch_size,
             "eta_sec": (self.total_steps - step) * (1 / sps + overhead_per_step),
+            "input_wait_frac": waited / dt,
         }
 
     def line(self, step: int, speed: Mapping[str, float], metrics: Mapping[str, Any]) -> str:

@@ -389,9 +389,8 @@ def run_loop(run: Run) -> RunResult:
     stop.install()
     context = contextlib.ExitStack()  # The mesh in context: model code may annotate activations.
     context.enter_context(jax.set_mesh(run.mesh))
-    pending, last_row, input_wait = [], {}, 0.0
+    pending, last_row = [], {}
     step, batch = start_step, first_batch
-    window_start = time.perf_counter()
     try:
         perf = _measure_perf(run, state, first_batch) if config.log_flops else None
         if config.eval_at_start and start_step == 0 and evals:  # The "before" row of the run.
@@ -400,7 +399,7 @@ def run_loop(run: Run) -> RunResult:
             if batch is None:
                 t0 = time.perf_counter()
                 batch = next(data_iter)
-                input_wait += time.perf_counter() - t0
+                progress.input_wait(time.perf_counter() - t0)
             state, step_metrics = step_fn(state, sharding.put_batch(batch, batch_shard))
             batch = None
             step += 1
@@ -408,7 +407,6 @@ def run_loop(run: Run) -> RunResult:
             if step == start_step + 1:
                 jax.block_until_ready(step_metrics)
                 progress.reset(step)  # Compile time is not speed.
-                window_start, input_wait = time.perf_counter(), 0.0
             # Preemption: log and save at this step, then exit; rerunning resumes exactly here.
             stopping = stop.set or mngr.reached_preemption(step)
             is_log = step % config.log_training_steps == 0 or step == total or stopping
@@ -421,11 +419,8 @@ def run_loop(run: Run) -> RunResult:
                 row["lr"] = float(fetched[-1].get("lr", 0.0))
                 pending = []
                 speed = progress.measure(step)
-                elapsed = max(time.perf_counter() - window_start, 1e-9)
                 row.update(speed)
                 row.update(perf.row(speed) if perf else {})
-                row["input_wait_frac"] = input_wait / elapsed
-                window_start, input_wait = time.perf_counter(), 0.0
                 row.update(data_iter.stats())
                 _check_finite(state, mngr, workdir)
             save_due = step % config.ckpt_steps == 0 or step == total or stopping
@@ -448,9 +443,7 @@ def run_loop(run: Run) -> RunResult:
                     "Run the same command again to resume."
                 )
             if off_step:
-                off_seconds = time.perf_counter() - off_start
-                progress.exclude(off_seconds)
-                window_start += off_seconds  # input_wait_frac: a fraction of train time too
+                progress.exclude(time.perf_counter() - off_start)
         mngr.wait_until_finished()
     finally:
         context.close()
