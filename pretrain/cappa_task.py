@@ -133,7 +133,7 @@ def write_report(workdir: str, config: Any) -> str:
     """What a pretraining run reached, as a person reads it: the set-up, every evaluator's last numbers,
     the training loss from first to last log, and the curves. Returns the markdown."""
     rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-    last = metrics.last_values(rows)
+    last = metrics.last_values(rows, first_step=0)  # a total_steps=0 run evaluates at step 0 only
     first = {k: next((r[k] for r in rows if k in r), None) for k in _TRAINING}
     kw = cappa.model_kwargs(config.model)
     img, txt = kw["img_kw"], kw["txt_kw"]
@@ -170,7 +170,9 @@ def write_report(workdir: str, config: Any) -> str:
         "",
         "## Training (first and last logged value)",
         "",
-        plots.markdown_table(training, ["metric", "first", "last"]),
+        plots.markdown_table(training, ["metric", "first", "last"])
+        if training
+        else "No training step logged.",
         "",
         f"![curves]({os.path.basename(plots.plot_run(workdir))})",
         "",

@@ -1,6 +1,7 @@
 """CapPa through the one train loop: known first loss, learning, sharded == single device; overfitting
 64 captions and reading them back with greedy decoding."""
 
+import json
 import math
 import os
 
@@ -179,3 +180,13 @@ def test_report_gives_the_last_evaluation_and_the_first_and_last_loss(single_dev
     assert "- image tower: 1 x 32, patch 8, 2 registers; decoder: 1 x 32" in report
     with open(os.path.join(workdir, "curves.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_of_a_zero_step_run_gives_the_step_0_evaluation(single_device_run, tmp_path):
+    _, _, config = single_device_run
+    rows = [{"step": 0, "val/perplexity": 3.5, "val/seconds": 1.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = cappa_task.write_report(str(tmp_path), config)
+    assert "| val/perplexity | 3.5000 |" in report and "val/seconds" not in report
+    assert "No training step logged." in report
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

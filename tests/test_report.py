@@ -29,3 +29,9 @@ def test_plot_run_writes_a_png(tmp_path):
     path = plots.plot_run(str(tmp_path))
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_run_with_nothing_logged_still_writes_a_png(tmp_path):
+    (tmp_path / "metrics.jsonl").write_text("")  # a total_steps=0 run without evaluators
+    with open(plots.plot_run(str(tmp_path)), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

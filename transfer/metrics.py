@@ -74,11 +74,12 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def last_values(rows: Sequence[dict]) -> dict[str, Any]:
-    """Per key, the last value logged at a step > 0 (step 0 holds `eval_at_start`'s numbers)."""
+def last_values(rows: Sequence[dict], first_step: int = 1) -> dict[str, Any]:
+    """Per key, the last value logged at a step >= `first_step` (step 0 holds `eval_at_start`'s
+    numbers, or the only ones of a `total_steps=0` run)."""
     last: dict[str, Any] = {}
     for row in rows:
-        if row["step"] > 0:
+        if row["step"] >= first_step:
             last.update({k: v for k, v in row.items() if k != "step"})
     return last
 

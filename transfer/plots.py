@@ -48,10 +48,12 @@ def plot_run(workdir: str, keys: Sequence[str] | None = None, out_name: str = "c
     keys = curve_keys(rows) if keys is None else list(keys)
     baselines = {_metric_of(k): k for r in rows for k in r if "/baseline/" in k}
     cols = min(4, max(len(keys), 1))
-    rows_n = -(-len(keys) // cols)
+    rows_n = max(-(-len(keys) // cols), 1)  # one empty panel when nothing was logged (0 steps)
     fig, axes = plt.subplots(rows_n, cols, figsize=(4 * cols, 3 * rows_n), squeeze=False)
     for ax in axes.flat[len(keys) :]:
         ax.axis("off")
+    if not keys:
+        axes.flat[0].text(0.5, 0.5, "no metric logged", ha="center", va="center")
     for ax, key in zip(axes.flat, keys, strict=False):
         for name, style in ((key, "-"), (baselines.get(key), "--")):
             points = [(r["step"], r[name]) for r in rows if name and name in r]
