@@ -146,8 +146,9 @@ def _attention_command(args: argparse.Namespace) -> int:
         tokens = run.tokenizer.encode([args.caption] * len(images), model.txt_kw["max_len"])
     else:
         out = decode.generate(
-            model, params, images, max_len=model.txt_kw["max_len"], eos_id=_eos(run)
-        )
+            model, params, images, max_len=model.txt_kw["max_len"], eos_id=_eos(run),
+            pad_id=_pad(run),
+        )  # fmt: skip
         tokens = np.asarray(out["tokens"][:, 0])
     maps = capture(model, params, images, jnp.asarray(tokens))
     reg = register_maps(maps["encoder"][args.layer], grid, model.img_kw.get("num_registers", 0))
@@ -173,6 +174,13 @@ def _patch(model: Any) -> tuple[int, int]:
 
 def _eos(run: Any) -> int:
     return run.tokenizer.eos_id if run.tokenizer is not None else 1
+
+
+def _pad(run: Any) -> int:
+    """The tokenizer's pad id, else the task's (``pad_id`` of the CapPa config), else generate's 0."""
+    return (
+        run.tokenizer.pad_id if run.tokenizer is not None else int(getattr(run.task, "pad_id", 0))
+    )
 
 
 def _pieces(run: Any, ids: np.ndarray) -> list[str]:

@@ -9,12 +9,18 @@ Conventions (those of transfer/tokenizer.py):
 
 * ``tokens`` [B, R, max_len] are ``pieces..., EOS, pad...``; a sequence that reaches ``max_len``
   without EOS ends there (truncated) and is a valid result too.
-* ``lengths`` count the tokens up to and including EOS; ``logprobs`` are the sum of the model's
-  token log-probabilities over those tokens (the model's own distribution: temperature and top-k/p
-  change what is drawn, not how it is scored).
+* ``lengths`` count the tokens up to and including EOS; ``logprobs`` are the sum of the token
+  log-probabilities over those tokens under the distribution decoding chooses from (temperature and
+  top-k/p change what is drawn, not how it is scored; see ``forbid_ids`` for the ids removed).
+* Decoding never emits the pad id (pad is filler after EOS, never content; with the default pad 0 it is
+  also the decoder's start token) nor an id at or above ``vocab_limit``: ``forbid_ids`` sets their
+  logits to -inf before every method chooses, so the log-probs are those of the model's distribution
+  renormalised over the other ids, and beam search ranks by them. [MASK] (id ``vocab_size``, an extra
+  input embedding row of pretrain/decoder.py) has no logit at all: the head has ``vocab_size`` outputs.
 * Beam search ranks finished hypotheses by ``logprob / ((5 + length) / 6) ** length_penalty``
   (the GNMT length penalty; ``length_penalty=0`` ranks by raw log-probability) and returns them in
-  ``scores``.
+  ``scores``. A returned score of -inf marks a placeholder (fewer than ``num_return_sequences``
+  emittable sequences exist): its tokens mean nothing.
 
 ``use_cache=False`` recomputes the whole teacher-forced decoder at every step: the slow reference
 that the tests and the benchmark compare the cache against.
@@ -60,6 +66,22 @@ class Settings:
 def length_penalty_factor(length: jax.Array, alpha: float) -> jax.Array:
     """GNMT's ``((5 + length) / 6) ** alpha``: beam scores are log-probabilities divided by it."""
     return ((5.0 + jnp.asarray(length, jnp.float32)) / 6.0) ** alpha
+
+
+def forbid_ids(logits: jax.Array, pad_id: int, vocab_limit: int | None = None) -> jax.Array:
+    """``logits`` [..., V] with -inf at the ids decoding must never emit: ``pad_id`` and every id
+    >= ``vocab_limit`` (a tokenizer smaller than the model's vocabulary; ``generate`` caps it at the
+    model's ``vocab_size``, the [MASK] id, so a [MASK] logit would be removed too if a head had one).
+
+    The one place every decoding method (greedy, sampling, beam search, prefix decoding) goes through;
+    a log-softmax of the result is the model's distribution renormalised over the allowed ids (EOS is
+    always allowed: it differs from pad and lies below the limit, so no row is all -inf).
+    """
+    ids = jnp.arange(logits.shape[-1])
+    allowed = ids != pad_id
+    if vocab_limit is not None and vocab_limit < logits.shape[-1]:
+        allowed &= ids < vocab_limit
+    return jnp.where(allowed, logits, -jnp.inf)
 
 
 def filter_logits(logits: jax.Array, top_k: int = 0, top_p: float | jax.Array = 1.0) -> jax.Array:
@@ -115,12 +137,6 @@ def _step(model, params, state, tokens, t, s: Settings):
     return _recompute(model, params, state, tokens, t + 1), state
 
 
-def _limit(logits: jax.Array, s: Settings) -> jax.Array:
-    if s.vocab_limit is None or s.vocab_limit >= logits.shape[-1]:
-        return logits
-    return jnp.where(jnp.arange(logits.shape[-1]) < s.vocab_limit, logits, -jnp.inf)
-
-
 def _take_rows(tree: Any, rows: jax.Array) -> Any:
     """Every leaf (cache or encoder tokens) has the batch on axis 0: reorder or expand it."""
     return jax.tree.map(lambda x: jnp.take(x, rows, axis=0), tree)
@@ -154,7 +170,7 @@ def _sequential(model, params, encoded, rng, knobs: dict, s: Settings) -> dict:
     )
 
     def choose(c: dict) -> dict:
-        t, done, logits = c["t"], c["done"], _limit(c["logits"], s)
+        t, done, logits = c["t"], c["done"], forbid_ids(c["logits"], s.pad_id, s.vocab_limit)
         if s.method == "greedy":
             tok = jnp.argmax(logits, axis=-1)
         else:
@@ -205,7 +221,8 @@ def _beam(model, params, encoded, knobs: dict, s: Settings) -> dict:
 
     def select(c: dict) -> tuple[dict, jax.Array]:
         t = c["t"]
-        logp = jax.nn.log_softmax(_limit(c["logits"], s)).reshape(b, k, -1)
+        logits = forbid_ids(c["logits"], s.pad_id, s.vocab_limit)
+        logp = jax.nn.log_softmax(logits).reshape(b, k, -1)
         vocab = logp.shape[-1]
         cand = (c["alive_lp"][..., None] + logp).reshape(b, k * vocab)
         top_lp, idx = jax.lax.top_k(cand, min(2 * k, k * vocab))  # >= k of them do not end here.
@@ -294,7 +311,11 @@ def _check(model: cappa.Model, images: Any, s: Settings, knobs: dict, rng: Any) 
             1 <= s.max_len <= txt_len,
             f"max_len={s.max_len} must be in [1, model.txt.max_len={txt_len}]",
         ),
-        (0 <= s.eos_id < vocab, f"eos_id={s.eos_id} is outside the vocabulary [0, {vocab})"),
+        (
+            0 <= s.eos_id < min(vocab, s.vocab_limit or vocab),
+            f"eos_id={s.eos_id} is outside the vocabulary [0, {min(vocab, s.vocab_limit or vocab)})"
+            " (vocab_limit included): EOS must stay emittable",
+        ),
         (s.pad_id != s.eos_id, f"pad_id and eos_id are both {s.pad_id}; they must differ"),
         (
             knobs["temperature"] > 0,
@@ -356,15 +377,18 @@ def generate(
 
     Returns numpy ``tokens`` [B,R,max_len], ``logprobs`` [B,R], ``lengths`` [B,R] (R =
     ``num_return_sequences``, best first for beam search, which also returns ``scores`` [B,R]) and
-    ``encoded`` [B,N,E] (the image tower's tokens) if ``return_embeddings``. ``vocab_limit`` keeps
-    generation to ids below it (a tokenizer smaller than the model's vocabulary); log-probs are then
-    those of the distribution renormalised over the allowed ids. ``keep_on_device`` returns the jax
-    arrays as computed (``images`` may be a global array sharded over a mesh: the evaluators' path).
+    ``encoded`` [B,N,E] (the image tower's tokens) if ``return_embeddings``. ``pad_id`` and
+    ``eos_id`` are the tokenizer's (``captions`` fills them in); ``pad_id`` is never generated as
+    content. ``vocab_limit`` keeps generation to ids below it (a tokenizer smaller than the model's
+    vocabulary); it is capped at the model's ``vocab_size``. Log-probs are those of the model's
+    distribution renormalised over the emittable ids (``forbid_ids``). ``keep_on_device`` returns the
+    jax arrays as computed (``images`` may be a global array sharded over a mesh: the evaluators' path).
     """
+    vocab = int(model.txt_kw["vocab_size"])  # also the [MASK] id: never emittable.
     settings = Settings(
         method, int(max_len), int(eos_id), int(pad_id), int(top_k), float(top_p) < 1.0,
         int(beam_size), int(num_return_sequences), bool(return_embeddings), bool(use_cache),
-        None if vocab_limit is None else int(vocab_limit),
+        vocab if vocab_limit is None else min(int(vocab_limit), vocab),
     )  # fmt: skip
     knobs = dict(
         temperature=float(temperature), top_p=float(top_p), length_penalty=float(length_penalty)
@@ -407,14 +431,24 @@ def teacher_forced_logits(model: cappa.Model, params: Any, images: Any, tokens: 
 
 
 def sequence_logprobs(
-    model: cappa.Model, params: Any, images: Any, tokens: Sequence | np.ndarray, eos_id: int
+    model: cappa.Model,
+    params: Any,
+    images: Any,
+    tokens: Sequence | np.ndarray,
+    eos_id: int,
+    pad_id: int | None = None,
+    vocab_limit: int | None = None,
 ) -> np.ndarray:
     """Summed teacher-forced log-probs [N] of token rows [N,L] (up to and including the first EOS).
 
-    ``images`` has one image per row. A scoring helper and the tests' brute-force reference.
+    ``images`` has one image per row. A scoring helper and the tests' brute-force reference. With
+    ``pad_id`` (and ``vocab_limit``) the log-probs are those ``generate`` reports: the model's
+    distribution renormalised over the ids decoding may emit (``forbid_ids``); without, the model's own.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     logits = teacher_forced_logits(model, params, images, tokens)
+    if pad_id is not None:
+        logits = forbid_ids(logits, pad_id, vocab_limit)
     logp = jnp.take_along_axis(jax.nn.log_softmax(logits), tokens[..., None], axis=-1)[..., 0]
     is_eos = tokens == eos_id
     valid = jnp.cumsum(is_eos, axis=1) - is_eos == 0  # Positions up to the first EOS.

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from pretrain import cappa, decoder
+from pretrain import cappa, decode, decoder
 
 _COMPILED: dict[tuple, tuple[Any, Any]] = {}  # (id(model), settings) -> (model, jitted fn)
 
@@ -185,11 +185,6 @@ def _greedy(model, params, encoded, question, settings: tuple) -> dict:
     else:
         logits, state = _recompute(model, params, encoded, question, tokens, 0, pad_id), None
 
-    def limit(x):
-        if vocab_limit is None or vocab_limit >= x.shape[-1]:
-            return x
-        return jnp.where(jnp.arange(x.shape[-1]) < vocab_limit, x, -jnp.inf)
-
     carry = dict(
         t=jnp.int32(0), tokens=tokens, logprobs=jnp.zeros((rows,), jnp.float32),
         lengths=jnp.zeros((rows,), jnp.int32), done=jnp.zeros((rows,), bool), logits=logits,
@@ -197,7 +192,7 @@ def _greedy(model, params, encoded, question, settings: tuple) -> dict:
     )  # fmt: skip
 
     def choose(c):
-        logp = jax.nn.log_softmax(limit(c["logits"]))
+        logp = jax.nn.log_softmax(decode.forbid_ids(c["logits"], pad_id, vocab_limit))
         tok = jnp.argmax(logp, axis=-1).astype(jnp.int32)
         tok_logp = jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0]
         done = c["done"]
@@ -256,9 +251,13 @@ def generate(
 
     Returns ``tokens`` [B, max_len] (``pieces, EOS, pad``), ``logprobs`` [B] (summed up to EOS) and
     ``lengths`` [B] (tokens up to and including EOS), as numpy unless ``keep_on_device`` (``images``
-    and ``question`` may then be global arrays sharded over a mesh).
+    and ``question`` may then be global arrays sharded over a mesh). As in pretrain/decode.py, the
+    answer never holds ``pad_id`` (the tokenizer's) nor ids >= ``vocab_limit`` (capped at the model's
+    ``vocab_size``, the [MASK] id): ``decode.forbid_ids`` removes them, and the log-probs are those of
+    the model's distribution renormalised over the other ids.
     """
-    txt_len = int(model.txt_kw["max_len"])
+    txt_len, vocab = int(model.txt_kw["max_len"]), int(model.txt_kw["vocab_size"])
+    vocab_limit = vocab if vocab_limit is None else min(int(vocab_limit), vocab)
     lq = int(np.shape(question)[1]) if np.ndim(question) == 2 else -1
     problems = [
         (np.ndim(images) == 4, f"images must be [B, H, W, 3], got shape {np.shape(images)}"),
@@ -271,6 +270,11 @@ def generate(
             f"({txt_len}); tokenize questions shorter or lower max_len",
         ),
         (pad_id != eos_id, f"pad_id and eos_id are both {pad_id}; they must differ"),
+        (
+            0 <= eos_id < vocab_limit,
+            f"eos_id={eos_id} is outside the vocabulary [0, {vocab_limit}) (vocab_limit included): "
+            "EOS must stay emittable",
+        ),
     ]
     for ok, message in problems:
         if not ok:
@@ -285,17 +289,38 @@ def generate(
 
 
 def answer_logprobs(
-    model: cappa.Model, params: Any, images: Any, question: Any, answer: Any, pad_id: int
+    model: cappa.Model,
+    params: Any,
+    images: Any,
+    question: Any,
+    answer: Any,
+    pad_id: int,
+    vocab_limit: int | None = None,
 ) -> np.ndarray:
     """Summed teacher-forced log-probs [B] of ``answer`` tokens [B, La] after the questions (the
-    tests' reference for the decoder's scores; counts the answer's non-pad tokens)."""
-    images = jnp.asarray(images, jnp.float32)
-    encoded, _ = model.apply({"params": params}, images, method=cappa.Model.encode)
-    question, answer = jnp.asarray(question, jnp.int32), jnp.asarray(answer, jnp.int32)
-    inputs = training_inputs(question, answer, pad_id)
-    logits = model.apply(
-        {"params": params}, inputs["tokens"], encoded, inputs["mask"], method=cappa.Model.decode
+    tests' reference for the decoder's scores; counts the answer's non-pad tokens). Like
+    ``generate``'s, they are log-probs of the distribution renormalised without ``pad_id`` and the ids
+    >= ``vocab_limit`` (``decode.forbid_ids``). Jitted once per model and ids."""
+    key = (id(model), "answer_logprobs", int(pad_id), vocab_limit)
+    if key not in _COMPILED:
+
+        def run(params, images, question, answer):
+            encoded, _ = model.apply({"params": params}, images, method=cappa.Model.encode)
+            inputs = training_inputs(question, answer, pad_id)
+            logits = model.apply(
+                {"params": params}, inputs["tokens"], encoded, inputs["mask"],
+                method=cappa.Model.decode,
+            )  # fmt: skip
+            logp = jax.nn.log_softmax(decode.forbid_ids(logits, pad_id, vocab_limit))
+            token = jnp.take_along_axis(logp, inputs["targets"][..., None], axis=-1)[..., 0]
+            return jnp.sum(jnp.where(inputs["weights"] > 0, token, 0.0), axis=1)
+
+        _COMPILED[key] = (model, jax.jit(run))
+    return np.asarray(
+        _COMPILED[key][1](
+            params,
+            jnp.asarray(images, jnp.float32),
+            jnp.asarray(question, jnp.int32),
+            jnp.asarray(answer, jnp.int32),
+        )
     )
-    logp = jax.nn.log_softmax(logits)
-    token = jnp.take_along_axis(logp, inputs["targets"][..., None], axis=-1)[..., 0]
-    return np.asarray(jnp.sum(token * inputs["weights"], axis=1))

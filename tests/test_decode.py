@@ -1,5 +1,7 @@
 """Decoding (pretrain/decode.py) against references: the uncached decoder, brute-force enumeration of
-every sequence, numpy nucleus sets, Model.encode; and `cappa caption` end to end on a trained tiny run."""
+every sequence, numpy nucleus sets, a numpy step-by-step greedy decoder, Model.encode; pad is never
+emitted by any method (prefix decoding included) even when the head prefers it; and `cappa caption` end
+to end on a trained tiny run."""
 
 import functools
 import itertools
@@ -13,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pretrain import cappa, caption, decode, runs
+from pretrain import cappa, caption, decode, decoder, prefix_lm, runs
 
 VOCAB, EOS, PAD, MAX_LEN = 5, 1, 0, 4
 
@@ -61,7 +63,7 @@ def tiny_model(scan: bool, posemb: str, seed: int = 0):
     params = random_params(model, images[:1], start[:1], seed)
     head = params["txt"]["head"]
     first = np.asarray(decode.teacher_forced_logits(model, params, images, start)[:, 0])
-    margin = np.delete(first, EOS, axis=1).max(1) - first[:, EOS]
+    margin = np.delete(first, [EOS, PAD], axis=1).max(1) - first[:, EOS]  # pad is never chosen
     head["bias"] = head["bias"].at[EOS].set(np.median(margin))
     return model, params, np.asarray(images)
 
@@ -80,12 +82,20 @@ def tiny():
 
 
 def reference_logprobs(model, params, images, tokens):
-    """Teacher-forced summed log-probs of [B, R, L] tokens (images [B, ...])."""
+    """Teacher-forced summed log-probs of [B, R, L] tokens (images [B, ...]), pad excluded and the
+    rest renormalised: the distribution that decoding chooses from."""
     b, r, length = tokens.shape
     flat_images = np.repeat(images, r, axis=0)
     return decode.sequence_logprobs(
-        model, params, flat_images, tokens.reshape(b * r, length), EOS
+        model, params, flat_images, tokens.reshape(b * r, length), EOS, pad_id=PAD
     ).reshape(b, r)
+
+
+def with_pad_bias(params, value: float) -> dict:
+    """A copy of ``params`` whose head gives pad the bias ``value`` (+50: pad is everyone's argmax)."""
+    params = jax.tree.map(lambda x: x, params)
+    params["txt"]["head"]["bias"] = params["txt"]["head"]["bias"].at[PAD].set(value)
+    return params
 
 
 def check_layout(tokens, lengths):
@@ -119,9 +129,10 @@ def test_cached_beam_equals_uncached():
     np.testing.assert_allclose(cached["scores"], slow["scores"], rtol=1e-5, atol=1e-5)
 
 
-def all_sequences():
-    """Every decodable sequence: non-EOS tokens then EOS (padded), or max_len non-EOS tokens."""
-    others = [i for i in range(VOCAB) if i != EOS]
+def all_sequences(with_pad: bool = False):
+    """Every decodable sequence: content tokens then EOS (padded), or max_len content tokens. Content
+    is every id but EOS and pad (``with_pad``: pad too, the unrestricted decoder of old)."""
+    others = [i for i in range(VOCAB) if i != EOS and (with_pad or i != PAD)]
     out = []
     for n in range(1, MAX_LEN + 1):
         for prefix in itertools.product(others, repeat=n - 1):
@@ -130,11 +141,18 @@ def all_sequences():
     return np.asarray(out, np.int32)
 
 
+@pytest.mark.parametrize("pad_bias", [None, 50.0, -30.0], ids=["random", "pad_first", "pad_last"])
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_full_beam_finds_the_exhaustive_best(tiny, alpha):
+def test_full_beam_finds_the_exhaustive_best(tiny, alpha, pad_bias):
+    """Against every sequence without pad as content, scored by the renormalised distribution; on the
+    model that ranks pad last, against every sequence WITH pad content scored by the model's own
+    distribution (the unrestricted search of old): the ban changes nothing where pad is never wanted."""
     model, params, images = tiny
+    if pad_bias is not None:
+        params = with_pad_bias(params, pad_bias)
     images = images[:2]
-    seqs = all_sequences()
+    unrestricted = pad_bias is not None and pad_bias < 0
+    seqs = all_sequences(with_pad=unrestricted)
     lengths = np.where((seqs == EOS).any(1), (seqs == EOS).argmax(1) + 1, MAX_LEN)
     beam = (VOCAB - 1) ** (MAX_LEN - 1)  # Every alive prefix fits: beam search is exact.
     out = decode.generate(
@@ -143,8 +161,9 @@ def test_full_beam_finds_the_exhaustive_best(tiny, alpha):
     )  # fmt: skip
     for i, image in enumerate(images):
         logp = decode.sequence_logprobs(
-            model, params, np.repeat(image[None], len(seqs), 0), seqs, EOS
-        )
+            model, params, np.repeat(image[None], len(seqs), 0), seqs, EOS,
+            pad_id=None if unrestricted else PAD,
+        )  # fmt: skip
         scores = logp / ((5.0 + lengths) / 6.0) ** alpha
         best = np.argsort(-scores)[:3]
         np.testing.assert_array_equal(out["tokens"][i], seqs[best])
@@ -195,12 +214,13 @@ def test_sampling_is_reproducible_and_stays_in_the_nucleus(tiny):
     tokens = a["tokens"].reshape(-1, MAX_LEN)
     logits = decode.teacher_forced_logits(model, params, np.repeat(images, 4, 0), tokens)
     logits = np.asarray(logits) / 2.0
+    logits[..., PAD] = -np.inf  # Pad is never drawn: the nucleus is over the other ids.
     restricted = 0
     for row, n, row_logits in zip(tokens, a["lengths"].reshape(-1), logits, strict=True):
         for t in range(n):
             allowed = nucleus(row_logits[t], 0.8)
             assert row[t] in allowed
-            restricted += len(allowed) < VOCAB
+            restricted += len(allowed) < VOCAB - 1
     assert restricted > 10  # The filter really excluded tokens (else this test could not fail).
     ref = reference_logprobs(model, params, images, a["tokens"])
     np.testing.assert_allclose(a["logprobs"], ref, rtol=1e-5, atol=1e-5)
@@ -254,6 +274,113 @@ def test_bad_arguments_fail_clearly(tiny, kwargs, match):
     model, params, images = tiny
     with pytest.raises(ValueError, match=match):
         decode.generate(model, params, images, **{"max_len": MAX_LEN, "eos_id": EOS, **kwargs})
+
+
+# ------------------------------------------------------------------------------- pad and [MASK] never emitted
+def numpy_greedy(model, params, images, banned):
+    """Step-by-step greedy in numpy on the teacher-forced logits, ``banned`` ids removed first."""
+    b = len(images)
+    tokens = np.full((b, MAX_LEN), PAD, np.int32)
+    logprobs, lengths, done = np.zeros(b), np.zeros(b, np.int32), np.zeros(b, bool)
+    for t in range(MAX_LEN):
+        logits = np.asarray(decode.teacher_forced_logits(model, params, images, tokens), np.float64)
+        logits = logits[:, t]
+        logits[:, banned] = -np.inf
+        top = logits.max(1, keepdims=True)
+        logp = logits - top - np.log(np.exp(logits - top).sum(1, keepdims=True))
+        for i, tok in enumerate(logp.argmax(1)):
+            if not done[i]:
+                tokens[i, t], lengths[i], done[i] = tok, t + 1, tok == EOS
+                logprobs[i] += logp[i, tok]
+    return tokens, logprobs, lengths
+
+
+def test_mask_id_has_no_logit_and_forbid_ids_removes_pad_and_the_limit(tiny):
+    """[MASK] (id vocab_size) is an input embedding row only: the head has vocab_size outputs, so no
+    method can choose it. ``forbid_ids`` would remove it anyway (generate caps vocab_limit there)."""
+    model, params, images = tiny
+    logits = decode.teacher_forced_logits(model, params, images, np.zeros((6, 1), np.int32))
+    assert decoder.TextDecoder(vocab_size=VOCAB).mask_id == VOCAB == logits.shape[-1]
+    wide = np.asarray(
+        jax.random.normal(jax.random.key(0), (3, VOCAB + 1))
+    )  # a head with a MASK row
+    out = np.asarray(decode.forbid_ids(jnp.asarray(wide), PAD, VOCAB))
+    assert np.isneginf(out[:, [PAD, VOCAB]]).all()
+    keep = [i for i in range(VOCAB) if i != PAD]
+    np.testing.assert_array_equal(out[:, keep], wide[:, keep])
+    np.testing.assert_array_equal(
+        np.asarray(decode.forbid_ids(jnp.asarray(wide), 3))[:, 0], wide[:, 0]
+    )
+
+
+def test_greedy_matches_numpy_and_never_emits_pad(tiny):
+    """On the model that prefers pad everywhere, greedy is the numpy greedy without pad; on the model
+    that ranks pad last, it is the numpy greedy WITH pad allowed (the old behaviour, unchanged)."""
+    model, params, images = tiny
+    first = lambda p: np.asarray(decode.teacher_forced_logits(model, p, images, np.zeros((6, 1))))
+    pad_first, pad_last = with_pad_bias(params, 50.0), with_pad_bias(params, -30.0)
+    assert (first(pad_first)[:, 0].argmax(-1) == PAD).all()  # Unmasked greedy would emit only pad.
+    kw = dict(max_len=MAX_LEN, eos_id=EOS, pad_id=PAD)
+    for p, banned in [(pad_first, [PAD]), (params, [PAD]), (pad_last, [])]:
+        out = decode.generate(model, p, images, **kw)
+        tokens, logprobs, lengths = numpy_greedy(model, p, images, banned)
+        np.testing.assert_array_equal(out["tokens"][:, 0], tokens)
+        np.testing.assert_array_equal(out["lengths"][:, 0], lengths)
+        np.testing.assert_allclose(out["logprobs"][:, 0], logprobs, rtol=1e-5, atol=1e-5)
+        check_layout(out["tokens"], out["lengths"])
+        assert (out["lengths"] > 1).any()
+
+
+DECODERS = {  # The settings of the tests above (compiled already), and one with both sampling filters.
+    "greedy": dict(),
+    "sample_top_p": dict(method="sample", top_p=0.8, temperature=2.0, num_return_sequences=4),
+    "sample_top_k_1": dict(method="sample", top_k=1, temperature=0.7, num_return_sequences=2),
+    "sample_top_k_top_p": dict(
+        method="sample", top_k=3, top_p=0.9, temperature=1.5, num_return_sequences=4
+    ),
+    "beam": dict(method="beam", beam_size=3, num_return_sequences=2, length_penalty=0.6),
+}
+
+
+@pytest.mark.parametrize("name", list(DECODERS))
+def test_no_method_emits_pad_even_when_the_head_prefers_it(tiny, name):
+    """With pad the argmax everywhere (bias +50), nothing emits it as content, and the results are
+    exactly those of the model that ranks pad last (bias -30): pad's logit no longer matters at all.
+    Log-probs are those of the renormalised distribution (the teacher-forced reference)."""
+    model, params, images = tiny_model(True, "rope") if name == "beam" else tiny
+    pad_first, pad_last = with_pad_bias(params, 50.0), with_pad_bias(params, -30.0)
+    kw = dict(max_len=MAX_LEN, eos_id=EOS, pad_id=PAD, **DECODERS[name])
+    seeds = range(3) if kw.get("method") == "sample" else [0]
+    for seed in seeds:
+        rng = jax.random.key(seed)
+        out = decode.generate(model, pad_first, images, rng=rng, **kw)
+        same = decode.generate(model, pad_last, images, rng=rng, **kw)
+        content = np.arange(MAX_LEN) < out["lengths"][..., None]
+        assert not (out["tokens"][content] == PAD).any()
+        assert (out["tokens"] < VOCAB).all()
+        check_layout(out["tokens"], out["lengths"])
+        for key in out:
+            np.testing.assert_array_equal(out[key], same[key])
+        ref = reference_logprobs(model, pad_first, images, out["tokens"])
+        np.testing.assert_allclose(out["logprobs"], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_decoding_never_emits_pad(tiny):
+    model, params, images = tiny
+    question = np.asarray(
+        [[2, 1, 0], [3, 4, 1], [1, 0, 0], [4, 1, 0], [2, 3, 1], [3, 1, 0]], np.int32
+    )
+    pad_first, pad_last = with_pad_bias(params, 50.0), with_pad_bias(params, -30.0)
+    kw = dict(max_len=3, eos_id=EOS, pad_id=PAD)
+    out = prefix_lm.generate(model, pad_first, images, question, **kw)
+    same = prefix_lm.generate(model, pad_last, images, question, **kw)
+    content = np.arange(3) < out["lengths"][:, None]
+    assert not (out["tokens"][content] == PAD).any() and (out["tokens"] < VOCAB).all()
+    for key in out:
+        np.testing.assert_array_equal(out[key], same[key])
+    ref = prefix_lm.answer_logprobs(model, pad_first, images, question, out["tokens"], PAD)
+    np.testing.assert_allclose(out["logprobs"], ref, rtol=1e-5, atol=1e-5)
+    assert len({tuple(r) for r in out["tokens"]}) > 1
 
 
 # ------------------------------------------------------------------------------------------- cappa caption
