@@ -8,7 +8,11 @@
 
 args (comma-separated):
   data=scenes (default: the embedded captions, 5 per image) | coco: TFDS `coco_captions` (Karpathy splits:
-      train = train+restval, `val` evaluated during training, `test` at the end; `tfds build coco_captions`).
+      train = train+restval, `val` evaluated during training, `test` at the end; `tfds build coco_captions`)
+      | coco_files: the same examples and splits read from the official files (transfer/file_sources.py):
+      input.data.annotations = "coco/annotations/captions_train2014.json,coco/annotations/captions_val2014.json"
+      (comma-separated paths or globs), input.data.images = "coco" (holds train2014/, val2014/),
+      input.data.karpathy = "coco/dataset_coco.json" (None: the official splits, e.g. split=val2014).
   arch=tiny (default for scenes) | b16 (default for coco) | l16: the architecture of configs/cappa_<arch>.py,
       which must be the init run's.
   init=PATH: the CapPa run (workdir, or a big_vision `.npz` read by pretrain/ckpt_import.py); default
@@ -35,9 +39,9 @@ def get_config(arg=None):
         arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", tokenizer=None,
         method="greedy",
     )  # fmt: skip
-    coco = args["data"] == "coco"
-    if args["data"] not in ("scenes", "coco"):
-        raise ValueError(f"data={args['data']!r}: use scenes or coco")
+    coco = args["data"] in ("coco", "coco_files")
+    if args["data"] not in ("scenes", "coco", "coco_files"):
+        raise ValueError(f"data={args['data']!r}: use scenes, coco or coco_files")
     if args["decoder"] not in DECODERS:
         raise ValueError(f"decoder={args['decoder']!r}: use one of {DECODERS}")
     arch = args["arch"] or ("b16" if coco else "tiny")
@@ -57,9 +61,14 @@ def get_config(arg=None):
         ("coco_captions", "train+restval", "val", "test") if coco
         else ("scenes", "train", "validation", "test")
     )  # fmt: skip
+    files = dict(
+        annotations="coco/annotations/captions_train2014.json,coco/annotations/captions_val2014.json",
+        images="coco", karpathy="coco/dataset_coco.json",
+    ) if args["data"] == "coco_files" else {}  # fmt: skip
+    name = "coco_files" if files else name
     image_pp = f"decode|resize({res})|value_range(-1, 1)"
     c.input = dict(
-        data=dict(name=name, split=train_split),
+        data=dict(name=name, split=train_split, **files),
         batch_size=256 if coco else 64,
         # One of the image's reference captions, drawn anew per example and step.
         pp=(

@@ -7,9 +7,17 @@
       --workdir gs://B/vqav2
 
 args (comma-separated):
-  data=scenes (default: the embedded `scenes_vqa`, 10 answers per question) | vqav2 | textvqa | ocrvqa | gqa:
-      the TFDS builders of DATASETS below (big_vision-style feature names; build them with their builder
-      first). Everything the loader needs is a config value: name, splits, question/answer/type/id keys.
+  data=scenes (default: the embedded `scenes_vqa`, 10 answers per question) | vqav2 | textvqa | gqa:
+      the TFDS datasets of DATASETS below, built with big_vision's builders (big_vision/datasets/<name>;
+      TFDS itself has none of them) into input.data.data_dir first. Everything the loader needs is a
+      config value: name, splits, question/answer/type/id keys.
+      | vqav2_files | textvqa_files: the official files (transfer/file_sources.py; `{split}` in a path is
+      the split name):
+      vqav2_files: input.data.questions = "vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
+        input.data.annotations = "vqav2/v2_mscoco_{split}_annotations.json", input.data.images = "coco/{split}"
+        (COCO_{split}_<id>.jpg); splits train2014 (trained) and val2014 (evaluated).
+      textvqa_files: input.data.annotations = "textvqa/TextVQA_0.5.1_{split}.json",
+        input.data.images = "textvqa/train_images" (train and val images); splits train and val.
   arch=tiny (default for scenes) | b16 (default otherwise) | l16: configs/cappa_<arch>.py's model, which
       must be the init run's.
   init=PATH: the CapPa run (workdir, or a big_vision `.npz`); default workdirs/cappa_<arch>.
@@ -42,9 +50,18 @@ DATASETS = {
         name="textvqa", splits=("train", "val", "val"), question="question", answers="answers",
         answer_type=None, question_type=None, id="question_id",
     ),
-    "ocrvqa": dict(
-        name="ocrvqa", splits=("train", "val", "test"), question="question", answers="answers",
+    "vqav2_files": dict(
+        name="vqav2_files", splits=("train2014", "val2014", "val2014"), question="question_text",
+        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
+        files=dict(
+            questions="vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
+            annotations="vqav2/v2_mscoco_{split}_annotations.json", images="coco/{split}",
+        ),
+    ),
+    "textvqa_files": dict(
+        name="textvqa_files", splits=("train", "val", "val"), question="question", answers="answers",
         answer_type=None, question_type=None, id="question_id",
+        files=dict(annotations="textvqa/TextVQA_0.5.1_{split}.json", images="textvqa/train_images"),
     ),
     # One answer per question: repeated 10 times, the VQA accuracy is GQA's exact-match accuracy.
     "gqa": dict(
@@ -89,7 +106,7 @@ def get_config(arg=None):
     )  # fmt: skip
     spell = "|spell_numbers(key='answer')" if c.spell_numbers else ""
     c.input = dict(
-        data=dict(name=ds["name"], split=train_split),
+        data=dict(name=ds["name"], split=train_split, **ds.get("files", {})),
         batch_size=64 if scenes else 256,
         pp=(
             f"{image_pp}|flatten|vqa_answers(key={ds['answers']!r}, n=None, outkey='answers')"

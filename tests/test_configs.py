@@ -19,6 +19,7 @@ CONFIGS = {
         "decoder=scratch,tower=0.1",
         "tower=finetune,method=beam",
         "data=coco",
+        "data=coco_files",
     ],
     "linear_probe.py": [
         None,
@@ -27,7 +28,14 @@ CONFIGS = {
         "head=map,cached=True,dataset=digits",
     ],
     "siglit.py": [None, "llip", "txt_init=scratch"],
-    "vqa.py": [None, "answer=majority,tower=finetune,decoder=scratch", "data=vqav2", "data=gqa"],
+    "vqa.py": [
+        None,
+        "answer=majority,tower=finetune,decoder=scratch",
+        "data=vqav2",
+        "data=gqa",
+        "data=vqav2_files",
+        "data=textvqa_files",
+    ],
     "ocr.py": [None, "strip=resize,case=keep,tower=0.1", "data=textcaps"],
     "finetune.py": [
         None,

@@ -18,7 +18,10 @@ is exact: raw records consumed minus examples returned.
 with the same stream, seeds, resume and skipping. Any other source plugs in by import string,
 `input.data.source="package.module:Class"`: `Class(data_cfg)` with `num_examples(index, count)`
 and `dataset(index, count)` (this host's raw examples in a fixed order, a tf.data.Dataset of
-dicts); e.g. cached tower features (pretrain/features.py).
+dicts); e.g. cached tower features (pretrain/features.py). A source may also define
+`fetch(example) -> example`, run inside the pp map (after shuffling and skipping, before the pp):
+the official COCO / VQAv2 / TextVQA files (`input.data.name="coco_files"`, "vqav2_files",
+"textvqa_files"; transfer/file_sources.py) keep image paths in the raw stream and read them there.
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from transfer import file_sources, shards
 from transfer import pp as pp_lib
-from transfer import shards
 
 # tf.data only runs on the host: keep TF off any GPU/TPU so it does not reserve accelerator memory
 # that JAX needs (on CPU-only machines this is a no-op).
@@ -79,17 +82,20 @@ def _not_prepared_message(builder: tfds.core.DatasetBuilder, name: str) -> str:
     return msg + ", or set input.data.data_dir to a directory where it is already prepared."
 
 
-def get_builder(data_cfg: Mapping[str, Any]) -> tfds.core.DatasetBuilder | shards.ShardSource:
+def get_builder(data_cfg: Mapping[str, Any]) -> Any:
     """The TFDS builder of `data_cfg.name`; embedded datasets are prepared on first use,
     any other unprepared dataset raises DataNotPreparedError at once (no download).
-    `name="img2dataset"` gives the resolved shards instead (see transfer/shards.py), and
-    `source="module:Class"` an instance of that class (see the module docstring)."""
+    `name="img2dataset"` gives the resolved shards instead (see transfer/shards.py), the names of
+    transfer/file_sources.py that source, and `source="module:Class"` an instance of that class
+    (see the module docstring)."""
     if data_cfg.get("source"):
         from transfer import registry
 
         return registry.import_object(str(data_cfg["source"]))(data_cfg)
     if shards.is_shards(data_cfg):
         return shards.ShardSource(data_cfg)
+    if file_sources.is_files(data_cfg):
+        return file_sources.get_source(data_cfg)
     embedded = _embedded_names()
     name = data_cfg["name"]
     try:
@@ -182,6 +188,13 @@ def _host_raw(builder: Any, data_cfg: Mapping[str, Any], index: int, count: int)
     return _raw_dataset(builder, _host_split(data_cfg, index, count))
 
 
+def _fetch(builder: Any) -> Any:
+    """A plugin source's `fetch(example)` (see the module docstring), else None."""
+    return (
+        None if isinstance(builder, tfds.core.DatasetBuilder) else getattr(builder, "fetch", None)
+    )
+
+
 # ----------------------------------------------------------------------------- seeds & pp
 
 
@@ -196,11 +209,15 @@ def _stream_seed(key: int, index: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.constant(key, tf.int64), tf.cast(index, tf.int64)])
 
 
-def _prepare_fn(pp_string: str, example_key: int) -> Any:
-    """Wraps the pp: adds `_seed` from the stream index, keeps `_index` and `_converted`."""
+def _prepare_fn(pp_string: str, example_key: int, fetch: Any = None) -> Any:
+    """Wraps the pp: adds `_seed` from the stream index, keeps `_index` and `_converted`; a
+    source's `fetch` (reading files a raw example points to) runs first, so its errors drop and
+    count the example like a corrupt image."""
     pp_fn = pp_lib.parse(pp_string)
 
     def prepare(example: dict[str, Any], index: tf.Tensor) -> dict[str, Any]:
+        if fetch is not None:
+            example = fetch(example)
         out = dict(pp_fn({**example, "_seed": _stream_seed(example_key, index)}))
         out.pop("_seed", None)
         out["_index"] = index
@@ -316,7 +333,7 @@ class TrainIterator:
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
         raw = _host_raw(builder, data_cfg, index, count)
-        prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1))
+        prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1), _fetch(builder))
         _check_pp(raw, prepare, input_cfg["pp"])
         if input_cfg.get("cache_raw", False):
             raw = raw.cache()
@@ -393,7 +410,7 @@ class EvalBatches:
         largest = max(_host_count(builder, data_cfg, i, count) for i in range(count))
         self.num_batches = math.ceil(largest / self.batch_size)
         raw = _host_raw(builder, data_cfg, index, count)
-        prepare = _prepare_fn(eval_input_cfg["pp"], _seed_key(0, 3))
+        prepare = _prepare_fn(eval_input_cfg["pp"], _seed_key(0, 3), _fetch(builder))
         ds = _finish(
             _with_indices(raw), prepare, self.batch_size, False, eval_input_cfg.get("prefetch", 2)
         )
