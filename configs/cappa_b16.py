@@ -4,8 +4,8 @@
       --workdir gs://BUCKET/cappa_b16
 
 LayerNorm/GELU/bias ViT-B/16 (all tokens to the decoder), 6-layer decoder of width 768 with learnt
-positions, 64 tokens, a 32k SentencePiece vocabulary. Adafactor, lr 1e-3, wd 1e-4, cosine with 10k
-warmup, clip 1.0, batch 8,192, 75% parallel prediction.
+positions and no biases (big_vision's decoder_bias=False), 64 tokens, a 32k SentencePiece vocabulary.
+Adafactor, lr 1e-3, wd 1e-4, cosine with 10k warmup, clip 1.0, batch 8,192, 75% parallel prediction.
 """
 
 import ml_collections
@@ -40,9 +40,10 @@ def get_config(arg=None):
     c.model = dict(
         dtype="bfloat16",
         img=dict(variant="B/16", pool_type="none", scan=True, remat_policy="nothing_saveable"),
+        # big_vision's decoder_bias=False (the paper's): no biases but the final LayerNorm's and the logits'.
         txt=dict(
-            vocab_size=32_000, depth=6, max_len=64, posemb="learn",
-            scan=True, remat_policy="nothing_saveable",
+            vocab_size=32_000, depth=6, max_len=64, posemb="learn", use_bias=False,
+            norm_final_bias=True, scan=True, remat_policy="nothing_saveable",
         ),
     )  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Load big_vision ViT parameters (its ``.npz`` checkpoints) into pretrain/vit.py's ViT.
+"""big_vision's ViT format: reading its ``.npz`` files, its names -> ours, position embeddings, export.
 
 Why a converter: CapPa, SigLIP and the plain big_vision ViTs are published as ``.npz`` files keyed by big_vision's
 flattened parameter paths (``Transformer/encoderblock_0/MlpBlock_0/Dense_0/kernel``). Our ViT with the big_vision
@@ -13,23 +13,19 @@ so loading is a renaming plus three real conversions:
   such a checkpoint must use ``cls_posemb=False`` (checked, with an explanation).
 
 Files are read with ``allow_pickle=False`` only: an ``.npz`` may hold pickled objects, and unpickling runs code.
-Towers nested in a bigger model (CapPa/SigLIP ``img/...``, or ``params/img/...`` in training checkpoints) are
-selected with ``prefix``.
+Loading (matching, stacking, the mismatch report) is pretrain/ckpt_import.py's, for every format.
 """
 
 from __future__ import annotations
 
 import re
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
-from pretrain.vit import unscanned_to_scan
 from transfer import tree
-from transfer.checkpoint import CheckpointMismatchError
 
 # big_vision module path -> ours. Leaf names (kernel, bias, scale) and array layouts are the same on both sides:
 # attention kernels are [width, heads, head_dim] and out is [heads, head_dim, width] in both.
@@ -110,29 +106,12 @@ def _convert(name: str, arr: np.ndarray) -> list[tuple[str, np.ndarray]]:
     return [(f"encoder/block_{i}/{rest}", arr[i]) for i in range(arr.shape[0])]
 
 
-def _map_names(
-    flat: Mapping[str, np.ndarray], prefix: str
-) -> tuple[dict[str, np.ndarray], dict[str, str], list[str]]:
-    """(our path -> array, our path -> big_vision name, big_vision names that map to nothing)."""
-    pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    mapped, origin, unknown = {}, {}, []
-    for name in sorted(flat):
-        pairs = _convert(name[len(pre) :], flat[name]) if name.startswith(pre) else []
-        if not pairs:
-            unknown.append(name)
-        for ours, arr in pairs:
-            if ours in mapped:
-                raise ValueError(f"{name} and {origin[ours]} both map to {ours}")
-            mapped[ours], origin[ours] = arr, name
-    return mapped, origin, unknown
-
-
 def vit_from_big_vision(flat: Mapping[str, np.ndarray], prefix: str = "") -> dict[str, np.ndarray]:
-    """big_vision names (under ``prefix``, e.g. "img") -> our unscanned ViT paths; unknown names are dropped.
-
-    Both of big_vision's layouts are accepted: ``encoderblock_{i}`` and the scanned ``encoderblock`` stack.
-    """
-    return _map_names(flat, prefix)[0]
+    """big_vision names (under ``prefix``, e.g. "img") -> our unscanned ViT paths; unknown names are dropped."""
+    pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
+    return dict(
+        pair for n, a in sorted(flat.items()) if n.startswith(pre) for pair in _convert(n[len(pre) :], a)
+    )
 
 
 # ------------------------------------------------------------------------------------------------ posemb
@@ -205,23 +184,7 @@ def _fit_posemb(
     return resample_posemb(src, grid)
 
 
-# ------------------------------------------------------------------------------------------------ loading
-def _stack_blocks(mapped: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Per-layer paths -> the scanned ``encoder/blocks`` layout; stacked on the host, not on an accelerator."""
-    with jax.default_device(jax.local_devices(backend="cpu")[0]):
-        stacked = unscanned_to_scan(tree.unflatten(mapped))
-    return {p: np.asarray(v) for p, v in tree.flatten(stacked).items()}
-
-
-def _tower_prefixes(names: Sequence[str]) -> list[str]:
-    """Where a file holds ViT towers (the prefixes of its ``embedding/kernel`` entries), for error hints."""
-    return sorted(
-        n[: -len("embedding/kernel")].rstrip("/")
-        for n in names
-        if re.fullmatch(r"(.*/)?embedding/kernel", n)
-    )
-
-
+# ------------------------------------------------------------------------------------------------ reports
 def mismatch_message(header: str, wrong: list[str], missing: list[str], hints: list[str]) -> str:
     """One report for a checkpoint that does not fit: wrong shapes, missing names, how to fix it."""
     lines = [header] + [f"  {w}" for w in wrong]
@@ -229,94 +192,6 @@ def mismatch_message(header: str, wrong: list[str], missing: list[str], hints: l
         more = " ..." if len(missing) > 8 else ""
         lines.append(f"  not found in checkpoint ({len(missing)}): {missing[:8]}{more}")
     return "\n".join(lines + [f"  {h}" for h in hints])
-
-
-def _mismatch_message(
-    npz_path: str, prefix: str, wrong: list[str], missing: list[str], towers: list[str] | None
-) -> str:
-    hints = [
-        "To keep the initialisation of such parameters (e.g. a new head), add regexes for their paths to "
-        "dont_load (re.fullmatch), e.g. dont_load=['head/.*']."
-    ]
-    if towers is not None:
-        hints.append(
-            f"No checkpoint name maps under prefix {prefix!r}; ViT towers in the file: {towers}"
-        )
-    header = f"big_vision checkpoint {npz_path} (prefix {prefix!r}) does not fit this model:"
-    return mismatch_message(header, wrong, missing, hints)
-
-
-def _match(target: dict, mapped: dict, dont_load: Sequence[str], full: Any, grid: Any) -> tuple:
-    """Decides every target leaf: loaded, resampled, kept (dont_load), missing or of the wrong shape."""
-    new, report = {}, {k: [] for k in ("loaded", "resampled", "kept_init")}
-    wrong, missing = [], []
-    for p, leaf in target.items():
-        if any(re.fullmatch(r, full(p)) for r in dont_load):
-            report["kept_init"].append(full(p))
-            continue
-        if p not in mapped:
-            missing.append(full(p))
-            continue
-        src, shape, why = mapped[p], tuple(leaf.shape), ""
-        if tuple(src.shape) == shape:
-            new[p] = np.asarray(src, leaf.dtype)
-            report["loaded"].append(full(p))
-            continue
-        if p == "pos_embedding":
-            try:
-                new[p] = np.asarray(_fit_posemb(src, shape, "cls" in target, grid), leaf.dtype)
-                report["resampled"].append(full(p))
-                continue
-            except ValueError as e:
-                why = f": {e}"
-        wrong.append(
-            f"{full(p)}: checkpoint has shape {tuple(src.shape)}, model expects {shape}{why}"
-        )
-    return new, report, wrong, missing
-
-
-def load_into(
-    params: Mapping,
-    npz_path: str,
-    *,
-    prefix: str = "",
-    dst_prefix: str = "",
-    dont_load: Sequence[str] = (),
-    grid: tuple[int, int] | None = None,
-) -> tuple[dict, dict]:
-    """Replaces the ViT leaves of ``params`` (under ``dst_prefix``) with a big_vision checkpoint's.
-
-    Returns (new params, report). The report lists full target paths ``loaded`` as they are, ``resampled``
-    (position embeddings of another grid; ``grid`` = the model's (h, w) patch grid if not square) and ``kept_init``
-    (matched by a ``dont_load`` regex), and the checkpoint names ``unmatched_in_checkpoint`` (used by nothing), with
-    ``num_*`` counts. Other shape mismatches and target parameters missing from the checkpoint raise, listing the
-    paths: silently keeping a random init would only show up as a worse fine-tune. Loaded leaves are numpy arrays in
-    the target leaf's dtype; the caller places them (e.g. jax.device_put with the param shardings).
-    """
-    flat_ckpt = read_npz(npz_path)
-    mapped, origin, unknown = _map_names(flat_ckpt, prefix)
-    flat_params = tree.flatten(params)
-    dst = dst_prefix.strip("/")
-    pre = f"{dst}/" if dst else ""
-    full = lambda p: pre + p
-    target = {p[len(pre) :]: v for p, v in flat_params.items() if p.startswith(pre)}
-    if not target:
-        raise ValueError(f"params holds nothing under dst_prefix {dst_prefix!r}")
-    scanned = any(p.startswith("encoder/blocks/") for p in target)
-    if scanned:
-        mapped = _stack_blocks(mapped)
-
-    new, report, wrong, missing = _match(target, mapped, dont_load, full, grid)
-    if wrong or missing:
-        towers = None if origin else _tower_prefixes(list(flat_ckpt))
-        raise CheckpointMismatchError(_mismatch_message(npz_path, prefix, wrong, missing, towers))
-    as_target = lambda p: re.sub(r"^encoder/block_\d+/", "encoder/blocks/", p) if scanned else p
-    unused = {name for ours, name in origin.items() if as_target(ours) not in new}
-    report["unmatched_in_checkpoint"] = sorted(set(unknown) | unused)
-    report.update({f"num_{k}": len(v) for k, v in list(report.items())})
-    out = dict(flat_params)
-    out.update({full(p): v for p, v in new.items()})
-    return tree.unflatten(out), report
 
 
 # ------------------------------------------------------------------------------------------------ export

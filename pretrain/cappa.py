@@ -45,6 +45,7 @@ MODEL_DEFAULTS = dict(
         normformer=False,
         mlp_type="gelu",
         use_bias=True,
+        norm_final_bias=None,  # None = use_bias; True for big_vision's decoder_bias=False files
         posemb="learn",  # "learn" (big_vision) | "rope" (the reproduction)
         dropout=0.0,
         scan=False,

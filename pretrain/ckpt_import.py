@@ -231,14 +231,16 @@ def _fill_scales(
 
 
 def _subtree(flat: Mapping[str, np.ndarray], prefix: str) -> str:
-    """The name prefix to load: ``prefix/``, or ``params/prefix/`` inside a training state's {"params": ...}."""
+    """The name prefix to load: ``prefix/``, or ``params/prefix/`` inside a training state's or a released SigLIP
+    file's {"params": ...}; ``img`` also names the image tower of a CapPa (``encoder``) or clip-jax (``vision``) file.
+    """
     pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
-    if pre and any(n.startswith(pre) for n in flat):
-        return pre
-    if any(n.startswith("params/" + pre) for n in flat):
-        return "params/" + pre  # clip-jax checkpoints hold {"params": ..., ...}
     if not pre:
-        return pre
+        return "params/" if flat and all(n.startswith("params/") for n in flat) else ""
+    aliases = [w + "/" for w in _WHERE_IMG.values()] if pre == "img/" else []
+    for cand in [pre, "params/" + pre] + aliases + ["params/" + a for a in aliases]:
+        if any(n.startswith(cand) for n in flat):
+            return cand
     raise ValueError(
         f"no checkpoint name starts with prefix {prefix!r}; top-level names: {_tops(flat)}"
     )
@@ -376,6 +378,46 @@ def _mismatch_message(
     return bv_import.mismatch_message(header, wrong, missing, hints)
 
 
+def _one_tower(
+    fmt: str, sub: str, names: Sequence[str], mapped: dict, origin: dict, target: Mapping
+):
+    """A two-tower file loaded into one tower (a ViT, or a classifier's ``img``): its image tower.
+
+    Returns (image-tower paths -> arrays, their origins, the file's names outside the image tower)."""
+    if fmt not in _WHERE_IMG or any(p.startswith(("img/", "txt/")) for p in target):
+        return mapped, origin, []
+    tower = sub + _WHERE_IMG[fmt] + "/"
+    keep = [p for p in mapped if p.startswith("img/")]
+    other = sorted(n for n in names if n.startswith(sub) and not n.startswith(tower))
+    return {p[4:]: mapped[p] for p in keep}, {p[4:]: origin[p] for p in keep}, other
+
+
+def _unused_message(path: str, fmt: str, unused: list[str]) -> str:
+    hints = []
+    if any(n.endswith("decoder/LayerNorm/bias") for n in unused):
+        hints.append(
+            "decoder/LayerNorm/bias: big_vision's final decoder LayerNorm keeps its bias even with "
+            "decoder_bias=False; set model.txt.norm_final_bias=True."
+        )
+    if any(re.search(r"(^|/)head/(kernel|bias)$", n) for n in unused):
+        hints.append("head/...: the file's classifier head; this model has no head of that name.")
+    hints.append(
+        "Configure the model like the checkpoint, or skip these names on purpose with "
+        "model_load.skip=[regex, ...] (re.fullmatch on the checkpoint's names), e.g. "
+        f"skip={[_skip_regex(unused[0])]}."
+    )
+    more = " ..." if len(unused) > 10 else ""
+    lines = [
+        f"checkpoint {path} ({fmt} format) has {len(unused)} arrays this model does not use: "
+        f"{unused[:10]}{more}"
+    ]
+    return "\n".join(lines + [f"  {h}" for h in hints])
+
+
+def _skip_regex(name: str) -> str:
+    return re.escape(name.rsplit("/", 1)[0]) + "/.*" if "/" in name else re.escape(name)
+
+
 def load_into(
     params: Mapping,
     path: str,
@@ -383,29 +425,38 @@ def load_into(
     prefix: str = "",
     dst_prefix: str = "",
     dont_load: Sequence[str] = (),
+    skip: Sequence[str] = (),
     grid: tuple[int, int] | None = None,
     mask_token_id: int | None = None,
 ) -> tuple[dict, dict]:
     """Replaces the leaves of ``params`` under ``dst_prefix`` with the checkpoint's (sub-tree ``prefix``).
 
-    Returns (new params, report). Report lists (full target paths): ``loaded``, ``resampled`` (image position
-    embeddings of another grid; ``grid`` = the model's (h, w) patch grid when not square), ``extended`` (an
-    embedding that gained the [MASK] row), ``kept_init`` (matched by a ``dont_load`` regex), ``filled_ones`` (clip-jax
-    norms without scale), and the checkpoint's ``unmatched_in_checkpoint`` names; ``format``, and ``num_*`` counts.
-    A shape mismatch or a target parameter absent from the checkpoint raises CheckpointMismatchError listing every
-    such path: a silently random parameter would only show up as a worse fine-tune. Loaded leaves are numpy
-    arrays in the target leaf's dtype; the caller places them on devices.
+    Every target leaf is loaded unless a ``dont_load`` regex matches its path, and every checkpoint array under
+    ``prefix`` is used unless a ``skip`` regex matches its name (or its target is ``dont_load``): anything else
+    raises CheckpointMismatchError naming the paths, since a silently random parameter, or a checkpoint option
+    our model ignores, only shows up as worse numbers. A two-tower file loaded into one tower gives its image
+    tower; a classifier head (``head/...``) with no place under ``dst_prefix`` goes to a top-level ``head``.
+    Returns (new params, report): full target paths ``loaded``, ``resampled`` (image position embeddings of
+    another grid; ``grid`` = the model's (h, w) patch grid when not square), ``extended`` (an embedding that
+    gained the [MASK] row), ``kept_init`` (dont_load), ``filled_ones`` (clip-jax norms without scale), the
+    checkpoint's ``not_loaded`` (target dont_load), ``skipped``, ``other_tower`` and ``outside_prefix`` names,
+    ``format`` and ``num_*`` counts. Loaded leaves are numpy arrays in the target leaf's dtype; the caller
+    places them on devices.
     """
     flat_ckpt = read_flat(path)
     fmt, mapped, origin, unknown = _map_names(flat_ckpt, prefix)
     flat_params = tree.flatten(params)
     dst = dst_prefix.strip("/")
     pre = f"{dst}/" if dst else ""
-    full = lambda p: pre + p
     target = {p[len(pre) :]: v for p, v in flat_params.items() if p.startswith(pre)}
     if not target:
         raise ValueError(f"params holds nothing under dst_prefix {dst_prefix!r}")
+    sub = _subtree(flat_ckpt, prefix)
+    mapped, origin, other_tower = _one_tower(fmt, sub, list(flat_ckpt), mapped, origin, target)
     mapped, origin = _stack(mapped, origin, list(target))
+    heads = {p for p in mapped if p.startswith("head/") and p not in target and pre}
+    full = lambda p: p if p in heads else pre + p
+    target.update({p: flat_params[p] for p in heads if p in flat_params})
     new, report, wrong, missing = _match(
         target, mapped, dont_load, full, grid=grid, mask_token_id=mask_token_id
     )
@@ -414,10 +465,21 @@ def load_into(
             p.startswith(("img/", "txt/")) for p in target
         )
         raise CheckpointMismatchError(_mismatch_message(path, fmt, prefix, wrong, missing, towers))
-    used = set().union(*(origin[p] for p in new)) if new else set()
+    kept = {p for p in target if any(re.fullmatch(r, full(p)) for r in dont_load)}
+    not_loaded = set().union(*(origin[p] for p in kept if p in origin))
+    used = set().union(*(origin[p] for p in new)) | not_loaded
     sources = set().union(*origin.values()) if origin else set()
+    unused = sorted(
+        ({n for n in unknown if n.startswith(sub)} | (sources - used)) - {_ONES} - set(other_tower)
+    )
+    report["skipped"] = [n for n in unused if any(re.fullmatch(r, n) for r in skip)]
+    unused = [n for n in unused if n not in report["skipped"]]
+    if unused:
+        raise CheckpointMismatchError(_unused_message(path, fmt, unused))
     report["filled_ones"] = sorted(full(p) for p in new if _ONES in origin[p])
-    report["unmatched_in_checkpoint"] = sorted(set(unknown) | (sources - used - {_ONES}))
+    report["not_loaded"] = sorted(not_loaded - {_ONES})  # their targets are dont_load
+    report["other_tower"] = other_tower
+    report["outside_prefix"] = [n for n in unknown if not n.startswith(sub)]
     report.update({f"num_{k}": len(v) for k, v in list(report.items())})
     report["format"] = fmt
     out = dict(flat_params)

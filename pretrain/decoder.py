@@ -191,6 +191,8 @@ class TextDecoder(nn.Module):
     normformer: bool = False
     mlp_type: str = "gelu"
     use_bias: bool = True
+    # big_vision's decoder/LayerNorm keeps its bias even with decoder_bias=False; None = use_bias.
+    norm_final_bias: bool | None = None
     posemb: str = "learn"  # "learn" | "rope"
     dropout: float = 0.0
     scan: bool = False
@@ -230,7 +232,8 @@ class TextDecoder(nn.Module):
         x = DecoderStack(
             self.depth, self._block_kwargs(), self.scan, self.remat_policy, name="decoder"
         )(x, encoded, None if decode else self_mask, positions, train, decode)
-        x = vit.Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm_final")(x)
+        final_bias = self.use_bias if self.norm_final_bias is None else self.norm_final_bias
+        x = vit.Norm(self.norm, final_bias, dtype=self.dtype, name="norm_final")(x)
         logits = linear.Dense(
             self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
         )(x)

@@ -186,7 +186,10 @@ def load_tower(
             lambda: vit.ViT(**kw).init(jax.random.key(0), jnp.zeros((1, size, size, 3)))
         )["params"]
         zeros = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), init)
-        tower_params, _ = ckpt_import.load_into(zeros, checkpoint, prefix=npz_prefix)
+        # A classifier's head is not part of the tower a probe reads features from.
+        tower_params, _ = ckpt_import.load_into(
+            zeros, checkpoint, prefix=npz_prefix, skip=[r"(.*/)?head/(kernel|bias)"]
+        )
     else:
         raise FileNotFoundError(
             f"checkpoint {checkpoint!r} does not exist: pass a `cappa train` workdir or a .npz file."

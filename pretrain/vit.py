@@ -69,6 +69,7 @@ CONFIG_DEFAULTS = dict(
     num_registers=0,
     pool_type="gap",
     posemb="learn",
+    cls_posemb=True,  # tok + learn: the class token gets one too (big_vision: False)
     dropout=0.0,
     scan=False,
     remat_policy="none",

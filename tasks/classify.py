@@ -22,7 +22,7 @@ DEFAULTS = dict(
     label_smoothing=0.0,
     # A FILE model_init is a big_vision .npz: set model_load.dst_subtree="img" (and src_subtree="img"
     # for a CapPa/SigLIP checkpoint). A directory is another run of ours, loaded by the engine.
-    model_load=dict(loader="pretrain.bv_import:load_into"),
+    model_load=dict(loader="pretrain.ckpt_import:load_into"),
     model=dict(
         vit.CONFIG_DEFAULTS,
         cls_posemb=False,  # big_vision's convention: the class token gets no position embedding.

@@ -54,7 +54,7 @@ DEFAULTS = dict(
     features=dict(layer="final", pooling="gap"),
     # MAP head size; None: the tower's num_heads (config.model) and an MLP 4 x the feature width.
     map_head=dict(num_heads=None, mlp_dim=None),
-    model_load=dict(loader="pretrain.bv_import:load_into", dont_load=["head/.*"]),
+    model_load=dict(loader="pretrain.ckpt_import:load_into", dont_load=["head/.*"]),
     model=dict(vit.CONFIG_DEFAULTS, cls_posemb=False, dtype="float32"),  # The tower (live mode).
     wd=0.0,  # Must stay 0: the sweep's L2 term is the weight decay.
     grad_clip_norm=None,  # Must stay off: global-norm clipping couples the heads.

@@ -55,7 +55,11 @@ DEFAULTS = dict(
     logit_bias_init=-10.0,
     loss_mode="ring",  # transfer.sigmoid_loss modes: "ring" | "allgather" | "dense"
     # A FILE model_init is a big_vision .npz (CapPa / SigLIP / ViT); a directory is a run of ours.
-    model_load=dict(loader="pretrain.ckpt_import:load_into"),
+    # skip: a CapPa run's decoder parts the text encoder has no use for (cross-attention, vocab projection).
+    model_load=dict(
+        loader="pretrain.ckpt_import:load_into",
+        skip=[r"txt/decoder/blocks?(_\d+)?/(norm_cross_pre|norm_cross_post|cross_attn)/.*", "txt/head/.*"],
+    ),
     model=dict(
         dtype="float32",
         embed_dim=None,  # the joint embedding width; None = the text tower's width

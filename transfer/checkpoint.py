@@ -148,11 +148,14 @@ def _map_path(src: str, src_subtree: str, dst_subtree: str) -> str | None:
 def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tuple[Any, dict]:
     """Loads `params` leaves from another run's checkpoint; returns (new params, report).
 
-    Every target parameter must be loaded unless a `dont_load` regex matches it; shapes must agree. Source parameters
-    that nothing uses are reported, not an error (loading an image tower out of a full CapPa checkpoint is normal).
+    Every target parameter must be loaded unless a `dont_load` regex matches it; shapes must agree. Every source
+    parameter under `src_subtree` must be used, unless its target is `dont_load` or a `skip` regex matches its
+    name: an unused one means the checkpoint's model differs from this one. Names outside `src_subtree` are not
+    loaded on purpose (an image tower out of a full CapPa run).
     """
     ckpt_dir, step = _checkpoint_dir(path)
     dont_load = [r for r in (load_cfg.get("dont_load") or [])]
+    skip = [r for r in (load_cfg.get("skip") or [])]
     src_sub, dst_sub = load_cfg.get("src_subtree") or "", load_cfg.get("dst_subtree") or ""
     mngr = manager(ckpt_dir, read_only=True)
     meta = mngr.item_metadata(step)["params"]
@@ -161,10 +164,12 @@ def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tu
     mapping, unused = {}, []
     for src in src_shapes:
         dst = _map_path(src, src_sub, dst_sub)
-        if dst is None or dst not in flat_params or any(re.fullmatch(r, dst) for r in dont_load):
-            unused.append(src)
-        else:
+        if dst is None or any(re.fullmatch(r, dst) for r in dont_load):
+            continue
+        if dst in flat_params:
             mapping[src] = dst
+        elif not any(re.fullmatch(r, src) for r in skip):
+            unused.append(src)
     wrong = [
         f"{dst}: checkpoint {src_shapes[src]} vs model {tuple(flat_params[dst].shape)}"
         for src, dst in mapping.items()
@@ -174,13 +179,20 @@ def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tu
     missing = [
         p for p in flat_params if p not in loaded and not any(re.fullmatch(r, p) for r in dont_load)
     ]
-    if wrong or missing:
+    if wrong or missing or unused:
+        mngr.close()
         msg = [f"config.model_init = '{path}' (step {step}) does not fit this model:"]
         msg += [f"  shape mismatch {w}" for w in wrong[:10]]
         if missing:
             msg.append(
                 f"  not found in checkpoint ({len(missing)}): {missing[:5]}; add them to "
                 "config.model_load.dont_load to keep their initialisation"
+            )
+        if unused:
+            msg.append(
+                f"  in the checkpoint but not in this model ({len(unused)}): {unused[:5]}; configure the "
+                "model like the checkpoint's, or list them in config.model_load.skip (regexes) to leave "
+                "them out on purpose"
             )
         raise CheckpointMismatchError("\n".join(msg))
     item = tree.unflatten(
@@ -202,7 +214,7 @@ def load_params(path: str, params: Any, shardings: Any, load_cfg: Mapping) -> tu
     report = {
         "model_init/loaded": len(mapping),
         "model_init/kept_init": len(flat_params) - len(mapping),
-        "model_init/unused": len(unused),
+        "model_init/not_loaded": len(src_shapes) - len(mapping),
     }
     return tree.unflatten(out), report
 

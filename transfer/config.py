@@ -62,9 +62,10 @@ def engine_defaults() -> ml_collections.ConfigDict:
     c.fsdp_axes = ["fsdp"]  # Axes "fsdp" shards over (those absent from the mesh are skipped).
     c.fsdp_min_size = 2**14  # Arrays with fewer elements stay replicated.
     c.model_init = None  # A workdir (or checkpoint dir) of another run to load params from.
-    # dont_load: regexes of params to keep initialised; *_subtree: map src/<path> to dst/<path>;
+    # dont_load: regexes of params to keep initialised; skip: regexes of checkpoint names left unused on
+    # purpose (any other unused one is an error); *_subtree: map src/<path> to dst/<path>;
     # loader: import string of the function that reads a FILE model_init (directories are orbax runs).
-    c.model_load = dict(dont_load=[], src_subtree="", dst_subtree="", loader=None)
+    c.model_load = dict(dont_load=[], skip=[], src_subtree="", dst_subtree="", loader=None)
     c.model = dict()
     # perf/ metrics: FLOPs per example (XLA cost analysis) and MFU against this peak FLOP/s of one
     # device; None = the table of known TPUs/GPUs, else a measured matmul (CPU).

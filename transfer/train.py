@@ -216,7 +216,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
         with jax.set_mesh(mesh):
             params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
         if config.model_init:
-            params, report = _model_init(config, params, param_sh)
+            params, report = load_model_init(config, params, param_sh)
             metrics.log(f"model_init: {report}")
         trainable = tree.partition(params, rules.is_trainable)[0]
         train_item = {
@@ -251,7 +251,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     )  # fmt: skip
 
 
-def _model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -> tuple[Any, dict]:
+def load_model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -> tuple[Any, dict]:
     """Another run's orbax checkpoint (a directory) is loaded by the engine; a file (e.g. a big_vision
     `.npz`) by the loader that `config.model_load.loader` names, so the engine knows no model format."""
     load_cfg = config.model_load
@@ -268,6 +268,7 @@ def _model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -
     loaded, report = loader(
         jax.device_get(params), config.model_init, prefix=load_cfg.src_subtree,
         dst_prefix=load_cfg.dst_subtree, dont_load=list(load_cfg.dont_load),
+        skip=list(load_cfg.get("skip") or []),
     )  # fmt: skip
     counts = {f"model_init/{k}": v for k, v in report.items() if isinstance(v, int)}
     return jax.device_put(loaded, param_sh), counts
