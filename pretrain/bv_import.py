@@ -110,7 +110,10 @@ def vit_from_big_vision(flat: Mapping[str, np.ndarray], prefix: str = "") -> dic
     """big_vision names (under ``prefix``, e.g. "img") -> our unscanned ViT paths; unknown names are dropped."""
     pre = prefix.strip("/") + "/" if prefix.strip("/") else ""
     return dict(
-        pair for n, a in sorted(flat.items()) if n.startswith(pre) for pair in _convert(n[len(pre) :], a)
+        pair
+        for n, a in sorted(flat.items())
+        if n.startswith(pre)
+        for pair in _convert(n[len(pre) :], a)
     )
 
 

@@ -31,6 +31,7 @@ START_ID = 0  # First decoder input of a caption (big_vision shifts right with 0
 # Model config defaults: `img` = ViT kwargs (plus `variant`), `txt` = TextDecoder kwargs, `dtype` for both.
 MODEL_DEFAULTS = dict(
     dtype="float32",  # compute dtype ("bfloat16" on TPU/GPU); parameters are always float32.
+    keep_registers=True,  # the decoder cross-attends to the registers too (clip-jax's keep_registers)
     img=dict(
         vit.CONFIG_DEFAULTS, pool_type="none"
     ),  # the decoder sees every token; probes pool later.
@@ -62,7 +63,7 @@ def model_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     txt["width"] = txt.get("width") or img["width"]
     txt["num_heads"] = txt.get("num_heads") or img["num_heads"]
     txt["dtype"] = dtype
-    return dict(img_kw=img, txt_kw=txt)
+    return dict(img_kw=img, txt_kw=txt, keep_registers=bool(model_cfg.get("keep_registers", True)))
 
 
 class Model(nn.Module):
@@ -70,15 +71,22 @@ class Model(nn.Module):
 
     img_kw: Mapping[str, Any]
     txt_kw: Mapping[str, Any]
+    keep_registers: bool = True
 
     def setup(self):
         self.img = vit.ViT(**self.img_kw)
         self.txt = decoder.TextDecoder(**self.txt_kw)
 
     def encode(self, image, train: bool = False):
-        """-> (all encoder tokens [B, N, E] incl. registers, the ViT's aux dict)."""
+        """-> (the encoder tokens the decoder attends to [B, N, E], the ViT's aux dict with all of them).
+
+        All tokens, registers included, unless ``keep_registers=False`` (clip-jax's option): then the patches
+        (and class token) only."""
         _, aux = self.img(image, train=train)
-        return aux["encoded"], aux
+        registers = int(self.img_kw.get("num_registers") or 0)
+        if self.keep_registers or not registers:
+            return aux["encoded"], aux
+        return aux["encoded"][:, :-registers], aux
 
     def decode(self, tokens, encoded, self_mask=None, train: bool = False, decode: bool = False):
         return self.txt(tokens, encoded, self_mask, train=train, decode=decode)

@@ -25,7 +25,8 @@ DEFAULTS = dict(
     pad_id=0,
     text_key="labels",
     tokenizer=None,  # SentencePiece .model: needed by decoding/scoring evaluators and `cappa caption`
-    model_load=dict(loader="pretrain.ckpt_import:load_into"),
+    # skip: a clip-jax CapPa's CLIP scalars (logit scale and bias), which captioning does not use.
+    model_load=dict(loader="pretrain.ckpt_import:load_into", skip=["(params/)?logit_(scale|bias)"]),
     model=cappa.MODEL_DEFAULTS,
 )
 

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 from flax import serialization
 
-from pretrain import bv_import
+from pretrain import bv_import, clipjax_import
 from transfer import tree
 from transfer.checkpoint import CheckpointMismatchError
 
@@ -70,55 +70,29 @@ _BV_DEC_TOP = {
     "decoder/LayerNorm": "norm_final",
     "decoder/LogitsDense": "head",
 }
-# clip-jax's MLP holds its pre-norm (both towers); specific names come before the "mlp" catch-all.
-_CJ_NORMS = {"mlp/pre_mlp_norm": "norm_mlp_pre", "mlp/mid_mlp_norm": "mlp/norm_mid", "mlp": "mlp"}
-_CJ_VIT_BLOCK = {
-    "pre_attention_norm": "norm_attn_pre",
-    "attention": "attn",
-    "post_attention_norm": "norm_attn_post",
-    **_CJ_NORMS,
-}
-_CJ_DEC_BLOCK = {
-    "pre_attention_norm": "norm_self_pre",
-    "attention": "self_attn",
-    "post_attention_norm": "norm_self_post",
-    "pre_cross_attention_norm": "norm_cross_pre",
-    "cross_attention": "cross_attn",
-    "post_cross_attention_norm": "norm_cross_post",
-    **_CJ_NORMS,
-}
-_CJ_VIT_TOP = {
-    "embeddings/patch_embeds": "embedding",
-    "embeddings/position_embeds": "pos_embedding",
-    "embeddings/cls_token": "cls",
-    "embeddings/registers": "registers",
-    "final_norm": "encoder/norm_final",
-}
-_CJ_TXT_TOP = {
-    "embeddings/embeddings": "embedding",
-    "embeddings/position_embeds": "pos_embedding",
-    "final_norm": "norm_final",
-    "logits": "head",
-}
 _WHERE_IMG = {"siglip": "img", "big_vision_cappa": "encoder", "clip_jax": "vision"}
-_ONES = "(absent in clip-jax: a norm without scale = scale 1)"
+_ONES = clipjax_import.ONES
 Pairs = list[tuple[str, np.ndarray]]
 
 
 # ------------------------------------------------------------------------------------------------ reading
-def read_flat(path: str) -> dict[str, np.ndarray]:
-    """A checkpoint file as ``{"a/b/c": array}``: ``.npz`` (flattened names) or a flax msgpack file (a tree)."""
+def read_flat(path: str) -> tuple[dict[str, np.ndarray], dict]:
+    """A checkpoint as (``{"a/b/c": array}``, clip-jax model config or {}): an ``.npz`` (flattened names), a flax
+    msgpack file (a tree; flax's ``/value`` boxes dropped), or a clip-jax run directory (orbax, item ``default``)."""
     if os.path.isdir(path):
+        if clipjax_import.is_run_dir(path):
+            return clipjax_import.read_run(path)
         raise ValueError(
-            f"{path} is a directory: orbax checkpoints (ours or another run's) are loaded by the engine itself "
-            "(config.model_init = that directory); this loader reads .npz and flax msgpack files."
+            f"{path} is a directory but not a clip-jax run (config.json with vision_config, and "
+            "<step>/default orbax items). A run of ours is loaded by the engine (config.model_init = its "
+            "workdir, with checkpoints/<step>/params inside); files: big_vision .npz, flax msgpack."
         )
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(4)
     if head in bv_import._ZIP_MAGIC:
-        return bv_import.read_npz(path)
+        return bv_import.read_npz(path), {}
     with open(path, "rb") as f:
         data = f.read()
     try:
@@ -132,7 +106,8 @@ def read_flat(path: str) -> dict[str, np.ndarray]:
         raise ValueError(
             f"{path}: the msgpack file holds a {type(restored).__name__}, not a parameter tree"
         )
-    return {k: np.asarray(v) for k, v in tree.flatten(restored).items()}
+    flat = clipjax_import.unbox({k: np.asarray(v) for k, v in tree.flatten(restored).items()})
+    return flat, clipjax_import.config_next_to(path)
 
 
 # ------------------------------------------------------------------------------------------------ renaming
@@ -158,8 +133,12 @@ def _tower(block_re: str, block: dict, axis: int, stack: str, top: dict) -> Call
 
 
 _bv_decoder = _tower(r"decoder/EncDecBlock(\d*)/(.+)", _BV_DEC_BLOCK, 1, "decoder", _BV_DEC_TOP)
-_cj_vit = _tower(r"encoder/layers()/(.+)", _CJ_VIT_BLOCK, 0, "encoder", _CJ_VIT_TOP)
-_cj_txt = _tower(r"encoder/layers()/(.+)", _CJ_DEC_BLOCK, 0, "decoder", _CJ_TXT_TOP)
+_cj_vit = _tower(
+    r"encoder/layers()/(.+)", clipjax_import.VIT_BLOCK, 0, "encoder", clipjax_import.VIT_TOP
+)
+_cj_txt = _tower(
+    r"encoder/layers()/(.+)", clipjax_import.DEC_BLOCK, 0, "decoder", clipjax_import.TXT_TOP
+)
 
 
 def _towers(*routes: tuple[str, str, Callable[[str, np.ndarray], Pairs]]) -> Callable:
@@ -202,34 +181,6 @@ def detect_format(names: Sequence[str]) -> str:
     )
 
 
-def _fill_scales(
-    mapped: dict, origin: dict, root: str, stack: str, width_key: str, pre: tuple
-) -> None:
-    """clip-jax builds most norms with ``use_scale=force_scale`` (False by default): no parameter, i.e. scale 1.
-
-    Ours always have a scale, so the missing ones become ones: the pre-norms of every block, the final norm, and
-    the mid-MLP norm of Normformer blocks (recognised by their post-attention norm, which clip-jax always scales).
-    """
-    if width_key not in mapped:
-        return
-    width = mapped[width_key].shape[-1]
-    final = f"{root}encoder/norm_final/scale" if stack == "encoder" else f"{root}norm_final/scale"
-    want = {final: width}
-    blocks = {
-        m.group(0) for p in mapped if (m := re.match(rf"{re.escape(root)}{stack}/block_\d+/", p))
-    }
-    for blk in blocks:
-        want.update({f"{blk}{n}/scale": width for n in pre})
-        if (
-            any(p.startswith(blk) and "_post/" in p for p in mapped)
-            and f"{blk}mlp/wo/kernel" in mapped
-        ):
-            want[f"{blk}mlp/norm_mid/scale"] = mapped[f"{blk}mlp/wo/kernel"].shape[0]
-    for p, n in want.items():
-        if p not in mapped:
-            mapped[p], origin[p] = np.ones(n, np.float32), {_ONES}
-
-
 def _subtree(flat: Mapping[str, np.ndarray], prefix: str) -> str:
     """The name prefix to load: ``prefix/``, or ``params/prefix/`` inside a training state's or a released SigLIP
     file's {"params": ...}; ``img`` also names the image tower of a CapPa (``encoder``) or clip-jax (``vision``) file.
@@ -250,25 +201,6 @@ def _tops(names: Sequence[str]) -> list[str]:
     return sorted({n.split("/")[0] for n in names})[:20]
 
 
-def _clip_jax_extras(fmt: str, mapped: dict, origin: dict, unknown: list) -> None:
-    odd = [
-        n
-        for n in unknown
-        if re.search(r"/(norm_query|norm_key|position_embeds_(height|width))\b", n)
-    ]
-    if odd:
-        raise ValueError(f"clip-jax parameters without an equivalent in our model: {odd[:6]}")
-    vit_pre, dec_pre = (
-        ("norm_attn_pre", "norm_mlp_pre"),
-        ("norm_self_pre", "norm_cross_pre", "norm_mlp_pre"),
-    )
-    if fmt == "clip_jax":
-        _fill_scales(mapped, origin, "img/", "encoder", "img/embedding/kernel", vit_pre)
-        _fill_scales(mapped, origin, "txt/", "decoder", "txt/embedding/embedding", dec_pre)
-    else:
-        _fill_scales(mapped, origin, "", "encoder", "embedding/kernel", vit_pre)
-
-
 def _map_names(flat: Mapping[str, np.ndarray], prefix: str) -> tuple[str, dict, dict, list]:
     """(format, our path -> array, our path -> set of source names, source names that map to nothing)."""
     pre = _subtree(flat, prefix)
@@ -284,7 +216,7 @@ def _map_names(flat: Mapping[str, np.ndarray], prefix: str) -> tuple[str, dict, 
                 raise ValueError(f"{name} and {sorted(origin[ours])} both map to {ours}")
             mapped[ours], origin[ours] = np.asarray(arr), {name}
     if fmt.startswith("clip_jax"):
-        _clip_jax_extras(fmt, mapped, origin, unknown)
+        clipjax_import.fill_scales(fmt, mapped, origin, unknown)
     return fmt, mapped, origin, unknown
 
 
@@ -428,6 +360,7 @@ def load_into(
     skip: Sequence[str] = (),
     grid: tuple[int, int] | None = None,
     mask_token_id: int | None = None,
+    model: Mapping | None = None,
 ) -> tuple[dict, dict]:
     """Replaces the leaves of ``params`` under ``dst_prefix`` with the checkpoint's (sub-tree ``prefix``).
 
@@ -441,10 +374,25 @@ def load_into(
     gained the [MASK] row), ``kept_init`` (dont_load), ``filled_ones`` (clip-jax norms without scale), the
     checkpoint's ``not_loaded`` (target dont_load), ``skipped``, ``other_tower`` and ``outside_prefix`` names,
     ``format`` and ``num_*`` counts. Loaded leaves are numpy arrays in the target leaf's dtype; the caller
-    places them on devices.
+    places them on devices. ``model`` (our model config) is checked against a clip-jax file's saved config,
+    whose [MASK] id also fills our [MASK] row unless ``mask_token_id`` is given.
     """
-    flat_ckpt = read_flat(path)
+    flat_ckpt, cj_config = read_flat(path)
+    if cj_config:
+        problems = clipjax_import.config_problems(cj_config, model)
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint {path}: its clip-jax config computes something this model does not:\n  "
+                + "\n  ".join(problems)
+            )
+        if mask_token_id is None:
+            mask_token_id = clipjax_import.mask_token_id(cj_config)
     fmt, mapped, origin, unknown = _map_names(flat_ckpt, prefix)
+    if fmt.startswith("clip_jax") and not cj_config:
+        print(
+            f"note: {path} has no clip-jax config.json beside it: keep_registers, positions, norms and the "
+            "[MASK] id are not checked against the model (the [MASK] row keeps its init)."
+        )
     flat_params = tree.flatten(params)
     dst = dst_prefix.strip("/")
     pre = f"{dst}/" if dst else ""
@@ -482,6 +430,7 @@ def load_into(
     report["outside_prefix"] = [n for n in unknown if not n.startswith(sub)]
     report.update({f"num_{k}": len(v) for k, v in list(report.items())})
     report["format"] = fmt
+    report["config_checked"] = int(bool(cj_config) and model is not None)
     out = dict(flat_params)
     out.update({full(p): v for p, v in new.items()})
     return tree.unflatten(out), report

@@ -119,12 +119,29 @@ def restore(
 
 
 # ---------------------------------------------------------------------------------------------- model_init
+def _is_step_dir(path: str) -> bool:
+    return re.fullmatch(r"\d+", os.path.basename(path)) is not None and os.path.isdir(
+        os.path.join(path, "params")
+    )
+
+
+def is_run(path: str) -> bool:
+    """A run of ours: a workdir (``checkpoints/`` inside), a checkpoints dir (``<step>/params`` inside) or a step
+    dir (``params`` inside). Another tool's directory is not, and is never handed to orbax blind."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        return False
+    if os.path.isdir(os.path.join(path, "checkpoints")) or _is_step_dir(path):
+        return True
+    return any(_is_step_dir(os.path.join(path, d)) for d in os.listdir(path))
+
+
 def _checkpoint_dir(path: str) -> tuple[str, int]:
     """Accepts a workdir (uses its checkpoints/ latest step), a checkpoints dir or a step dir."""
     path = os.path.abspath(path)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         path = os.path.join(path, "checkpoints")
-    if re.fullmatch(r"\d+", os.path.basename(path)) and os.path.isdir(os.path.join(path, "params")):
+    if _is_step_dir(path):
         return os.path.dirname(path), int(os.path.basename(path))
     if not os.path.isdir(path):
         raise FileNotFoundError(f"config.model_init = '{path}' does not exist.")

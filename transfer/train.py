@@ -251,24 +251,28 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     )  # fmt: skip
 
 
-def load_model_init(config: ml_collections.ConfigDict, params: Any, param_sh: Any) -> tuple[Any, dict]:
-    """Another run's orbax checkpoint (a directory) is loaded by the engine; a file (e.g. a big_vision
-    `.npz`) by the loader that `config.model_load.loader` names, so the engine knows no model format."""
+def load_model_init(
+    config: ml_collections.ConfigDict, params: Any, param_sh: Any
+) -> tuple[Any, dict]:
+    """Another run of ours (a workdir, checkpoints dir or step dir) is loaded by the engine; anything else (a
+    big_vision `.npz`, another tool's run directory) by the loader that `config.model_load.loader` names, so the
+    engine knows no model format."""
     load_cfg = config.model_load
-    if os.path.isdir(config.model_init):
+    if checkpoint.is_run(config.model_init):
         return checkpoint.load_params(config.model_init, params, param_sh, load_cfg)
-    if not os.path.isfile(config.model_init):
+    if not os.path.exists(config.model_init):
         raise FileNotFoundError(f"config.model_init = '{config.model_init}' does not exist.")
     if not load_cfg.loader:
+        what = "a directory but not a run of ours" if os.path.isdir(config.model_init) else "a file"
         raise config_lib.ConfigError(
-            f"config.model_init = '{config.model_init}' is a file: set config.model_load.loader to "
-            "the import string of a loader for its format (e.g. 'pretrain.bv_import:load_into')."
+            f"config.model_init = '{config.model_init}' is {what}: set config.model_load.loader to "
+            "the import string of a loader for its format (e.g. 'pretrain.ckpt_import:load_into')."
         )
     loader = registry.import_object(load_cfg.loader)
     loaded, report = loader(
         jax.device_get(params), config.model_init, prefix=load_cfg.src_subtree,
         dst_prefix=load_cfg.dst_subtree, dont_load=list(load_cfg.dont_load),
-        skip=list(load_cfg.get("skip") or []),
+        skip=list(load_cfg.get("skip") or []), model=config.get("model", {}).to_dict(),
     )  # fmt: skip
     counts = {f"model_init/{k}": v for k, v in report.items() if isinstance(v, int)}
     return jax.device_put(loaded, param_sh), counts
