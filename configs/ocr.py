@@ -1,12 +1,11 @@
 """OCR fine-tune (tasks/ocr.py) of a CapPa run: read the text in an image (captioning with one reference).
 
   cappa train --config configs/ocr.py --workdir workdirs/ocr                        # embedded scenes_ocr
-  cappa train --config configs/ocr.py:data=textcaps,arch=b16,init=gs://B/cappa_b16,tokenizer=gs://B/c4.model \
-      --workdir gs://B/ocr
 
 args (comma-separated):
-  data=scenes (default: the embedded `scenes_ocr`, 32x128 word strips) | textcaps: the TFDS builder of
-      DATASETS below (reference texts under `texts`; build it with its builder first).
+  data=scenes (the embedded `scenes_ocr`, 32x128 word strips; the only choice: TFDS has no scene-text
+      builder, TextCaps' is big_vision's own). Another dataset runs with input.data.name and the keys of
+      DATASETS overridden on the command line.
   arch, init, tower, decoder, tokenizer: as configs/vqa.py.
   strip=fold (default for scenes) | resize: how a wide strip meets the square tower (below).
   case=lower (default for scenes) | keep: lower-case the targets and score case-insensitively.
@@ -29,7 +28,6 @@ from configs.common import cappa_arch, parse_arg, tower_schedule
 # name -> TFDS name, (train, validation, test) splits, the text key, the id key.
 DATASETS = {
     "scenes": dict(name="scenes_ocr", splits=("train", "validation", "test"), text="text", id="image/id"),
-    "textcaps": dict(name="textcaps", splits=("train", "val", "val"), text="texts", id="image/id"),
 }  # fmt: skip
 
 

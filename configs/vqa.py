@@ -3,16 +3,15 @@
   cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny          # the CapPa run
   cappa train --config configs/vqa.py --workdir workdirs/vqa                        # embedded scenes_vqa
   cappa vqa --checkpoint workdirs/vqa image.png "how many shapes are there?"
-  cappa train --config configs/vqa.py:data=vqav2,arch=b16,init=gs://B/cappa_b16,tokenizer=gs://B/c4.model \
-      --workdir gs://B/vqav2
+  cappa train --config configs/vqa.py:data=vqav2_files,arch=b16,init=gs://B/cappa_b16,tokenizer=gs://B/c4.model \
+      --config.input.data.images=$DATA/coco/{split} --workdir gs://B/vqav2
 
 args (comma-separated):
-  data=scenes (default: the embedded `scenes_vqa`, 10 answers per question) | vqav2 | textvqa | gqa:
-      the TFDS datasets of DATASETS below, built with big_vision's builders (big_vision/datasets/<name>;
-      TFDS itself has none of them) into input.data.data_dir first. Everything the loader needs is a
-      config value: name, splits, question/answer/type/id keys.
+  data=scenes (default: the embedded `scenes_vqa`, 10 answers per question)
       | vqav2_files | textvqa_files: the official files (transfer/file_sources.py; `{split}` in a path is
-      the split name):
+      the split name). TFDS has no VQAv2/TextVQA/GQA builder (big_vision's own builders are not on any
+      registry), so no TFDS choice is offered; a dataset you built yourself runs with input.data.name and
+      the feature keys of DATASETS overridden on the command line.
       vqav2_files: input.data.questions = "vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
         input.data.annotations = "vqav2/v2_mscoco_{split}_annotations.json", input.data.images = "coco/{split}"
         (COCO_{split}_<id>.jpg); splits train2014 (trained) and val2014 (evaluated).
@@ -36,19 +35,11 @@ import ml_collections
 
 from configs.common import cappa_arch, parse_arg, tower_schedule
 
-# name -> TFDS name, (train, validation, test) splits, feature keys; None = the dataset lacks the feature.
+# name -> dataset (TFDS or a file source), (train, validation, test) splits, feature keys (None: absent).
 DATASETS = {
     "scenes": dict(
         name="scenes_vqa", splits=("train", "validation", "test"), question="question",
         answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
-    ),
-    "vqav2": dict(
-        name="vqa", splits=("train", "validation", "validation"), question="question_text",
-        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
-    ),
-    "textvqa": dict(
-        name="textvqa", splits=("train", "val", "val"), question="question", answers="answers",
-        answer_type=None, question_type=None, id="question_id",
     ),
     "vqav2_files": dict(
         name="vqav2_files", splits=("train2014", "val2014", "val2014"), question="question_text",
@@ -62,11 +53,6 @@ DATASETS = {
         name="textvqa_files", splits=("train", "val", "val"), question="question", answers="answers",
         answer_type=None, question_type=None, id="question_id",
         files=dict(annotations="textvqa/TextVQA_0.5.1_{split}.json", images="textvqa/train_images"),
-    ),
-    # One answer per question: repeated 10 times, the VQA accuracy is GQA's exact-match accuracy.
-    "gqa": dict(
-        name="gqa", splits=("train_balanced", "val_balanced", "testdev_balanced"), question="question",
-        answers="answer", answer_type=None, question_type=None, id="example_id",
     ),
 }  # fmt: skip
 

@@ -31,12 +31,10 @@ CONFIGS = {
     "vqa.py": [
         None,
         "answer=majority,tower=finetune,decoder=scratch",
-        "data=vqav2",
-        "data=gqa",
         "data=vqav2_files",
         "data=textvqa_files",
     ],
-    "ocr.py": [None, "strip=resize,case=keep,tower=0.1", "data=textcaps"],
+    "ocr.py": [None, "strip=resize,case=keep,tower=0.1"],
     "finetune.py": [
         None,
         "dataset=digits,layer_decay=0.6",

@@ -153,9 +153,9 @@ def test_config_args(tmp_path):
     resized = ocr_config_file.get_config("strip=resize,case=keep,tower=0.1")
     assert "fold" not in resized.input.pp and not resized.evals.ocr.ignore_case
     assert list(resized.lr_mults) == [("img/.*", 0.1)]
-    gqa = vqa_config_file.get_config("data=gqa")
-    assert gqa.input.data.name == "gqa" and gqa.evals.vqa.answers_key == "answer"
+    text = vqa_config_file.get_config("data=textvqa_files")
+    assert text.input.data.name == "textvqa_files" and text.evals.vqa.answers_key == "answers"
     assert "majority_answer" in vqa_config_file.get_config("answer=majority").input.pp
-    assert json.dumps(gqa.to_dict()) and vqa_config_file.get_config().spell_numbers
+    assert json.dumps(text.to_dict()) and vqa_config_file.get_config().spell_numbers
     with pytest.raises(ValueError, match="strip="):
         ocr_config_file.get_config("strip=pad")
