@@ -28,10 +28,11 @@ import jax
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from configs import caption_coco  # noqa: E402
 from tasks import caption_metrics  # noqa: E402
 from transfer import config as config_lib  # noqa: E402
 from transfer import train, tree  # noqa: E402
+
+caption_coco = config_lib.load_config_module(os.path.join(ROOT, "configs", "caption_coco.py"))
 
 MODES = {
     "full": dict(split="validation", repeats=3),

@@ -44,9 +44,10 @@ sys.path.insert(0, ROOT)
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from configs import siglit as siglit_config  # noqa: E402
 from transfer import config as config_lib  # noqa: E402
 from transfer import flops, input_pipeline, sharding, tokenizer, train  # noqa: E402
+
+siglit_config = config_lib.load_config_module(os.path.join(ROOT, "configs", "siglit.py"))
 
 # big_vision's plain blocks (LayerNorm, GELU, biases) for the ViT-S/16 tower and its text tower.
 BIG_VISION = dict(norm="layernorm", normformer=False, mlp_type="gelu", use_bias=True)

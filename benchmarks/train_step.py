@@ -41,10 +41,15 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import optax  # noqa: E402
 
-from configs import classify as classify_config  # noqa: E402
 from tasks import classify  # noqa: E402
 from transfer import config as config_lib  # noqa: E402
 from transfer import input_pipeline, metrics, sharding, train  # noqa: E402
+
+classify_config = config_lib.load_config_module(
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "classify.py"
+    )
+)
 
 # ViT-Ti width with 4 blocks on 64x64 images, patch 8 (64 tokens): ~0.3-0.6 s per step on 2 cores.
 MODEL = dict(width=192, depth=4, mlp_dim=768, num_heads=3, patch_size=8, pool_type="gap")

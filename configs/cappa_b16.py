@@ -10,7 +10,7 @@ Adafactor, lr 1e-3, wd 1e-4, cosine with 10k warmup, clip 1.0, batch 8,192, 75% 
 
 import ml_collections
 
-from configs.common import parse_arg
+from transfer.config import parse_arg
 
 TOKENIZER = "gs://YOUR_BUCKET/tokenizers/c4_en_32k.model"  # a 32,000-piece SentencePiece model
 SHARDS = "gs://YOUR_BUCKET/captions/*.tfrecord"  # img2dataset tfrecord shards

@@ -14,7 +14,7 @@ optimizer) stands in; set `optax_name` to any optax optimizer.
 
 import ml_collections
 
-from configs.common import parse_arg
+from transfer.config import parse_arg
 
 TOKENIZER = "gs://YOUR_BUCKET/tokenizers/spm_65k.model"  # a 65,536-piece SentencePiece model
 SHARDS = "gs://YOUR_BUCKET/datacomp1b/{00000..99999}.tar"  # img2dataset webdataset shards

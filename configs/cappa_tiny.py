@@ -4,9 +4,8 @@
   cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny
   cappa caption --checkpoint workdirs/cappa_tiny some_image.png
 
-arg: "pa" mixes in parallel prediction as in the paper (masked_pred_prob=0.75); "cap" is the plain captioner,
-which is already the default (kept so older command lines still work); "tokenizer=PATH" uses another
-SentencePiece model.
+arg: "pa" mixes in parallel prediction as in the paper (masked_pred_prob=0.75; the default is the plain
+captioner); "tokenizer=PATH" uses another SentencePiece model.
 Same architecture family as the reproduction (RMSNorm + Normformer, GeGLU, no bias, registers), just
 small: 64x64 images, 16x16 patches (16 tokens + 4 registers), width 128, a one-layer decoder. Learnt
 decoder positions, not rotary: with rotary positions alone every all-[MASK] Pa input is identical, so Pa
@@ -35,14 +34,14 @@ steps in about the old demo time, and that tower beat the random one on scenes a
 
 import ml_collections
 
-from configs.common import parse_arg
+from transfer.config import parse_arg
 from transfer.datasets import render
 
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 
 
 def get_config(arg=None):
-    args = parse_arg(arg, cap=False, pa=False, tokenizer=TOKENIZER)
+    args = parse_arg(arg, pa=False, tokenizer=TOKENIZER)
     tokenizer = args["tokenizer"]
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
@@ -52,11 +51,10 @@ def get_config(arg=None):
     # steps help if time allows.
     c.total_steps = 2000
     # Cap only unless `pa`: with Pa at 0.75, 1,500 steps left the tower worse than random on shape.
-    if args["cap"] and args["pa"]:
-        raise ValueError("config args 'cap' and 'pa' contradict each other: give at most one")
     c.masked_pred_prob = 0.75 if args["pa"] else 0.0
     c.tokenizer = tokenizer
 
+    c.pp_modules = ["pretrain.scoring"]  # swap_word (the colour_swap evaluator)
     c.input = dict(
         data=dict(name="scenes", split="train"),
         batch_size=64,

@@ -29,7 +29,8 @@ frozen one is bit-identical) and caption-scoring zero-shot before and after side
 
 import ml_collections
 
-from configs.common import cappa_arch, parse_arg, tower_schedule
+from tasks.config_helpers import cappa_arch, tower_schedule
+from transfer.config import parse_arg
 
 DECODERS = ("cappa", "scratch")
 
@@ -45,7 +46,7 @@ def get_config(arg=None):
     if args["decoder"] not in DECODERS:
         raise ValueError(f"decoder={args['decoder']!r}: use one of {DECODERS}")
     arch = args["arch"] or ("b16" if coco else "tiny")
-    pretrain, res = cappa_arch(arch)
+    pretrain, res = cappa_arch(arch, __file__)
     tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 

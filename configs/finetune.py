@@ -19,9 +19,10 @@ args (comma-separated, e.g. "tower=cappa_tiny,dataset=digits"):
 
 import ml_collections
 
-from configs import cappa_tiny
-from configs.common import parse_arg
+from transfer.config import parse_arg, sibling
 from transfer.optim import layerwise_lr_mults
+
+cappa_tiny = sibling(__file__, "cappa_tiny.py")
 
 # The image towers of our configs (must match their runs' checkpoints exactly).
 TOWERS = {

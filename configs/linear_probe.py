@@ -16,8 +16,9 @@ numbers and the protocol. Minutes on 2 CPU cores.
 
 import ml_collections
 
-from configs import cappa_tiny
-from configs.common import parse_arg
+from transfer.config import parse_arg, sibling
+
+cappa_tiny = sibling(__file__, "cappa_tiny.py")
 
 # configs/cappa_tiny.py's image tower.
 TOWER = cappa_tiny.get_config().model.img.to_dict()

@@ -23,7 +23,8 @@ references the tokenizer can write at all (the ceiling of exact match).
 
 import ml_collections
 
-from configs.common import cappa_arch, parse_arg, tower_schedule
+from tasks.config_helpers import cappa_arch, tower_schedule
+from transfer.config import parse_arg
 
 # name -> TFDS name, (train, validation, test) splits, the text key, the id key.
 DATASETS = {
@@ -46,7 +47,7 @@ def get_config(arg=None):
     if strip not in ("fold", "resize") or case not in ("lower", "keep"):
         raise ValueError(f"strip={strip!r} / case={case!r}: use strip=fold|resize, case=lower|keep")
     arch = args["arch"] or ("tiny" if scenes else "b16")
-    pretrain, res = cappa_arch(arch)
+    pretrain, res = cappa_arch(arch, __file__)
     tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 
@@ -63,6 +64,7 @@ def get_config(arg=None):
     image_pp = f"decode|fold(2)|resize({res})" if strip == "fold" else f"decode|resize({res})"
     image_pp += "|value_range(-1, 1)"
     lower = "|lowercase(key='text')" if case == "lower" else ""
+    c.pp_modules = ["tasks.ocr_pp", "tasks.vqa_pp"]  # fold, lowercase, vqa_answers
     c.input = dict(
         data=dict(name=ds["name"], split=train_split),
         batch_size=64 if scenes else 256,

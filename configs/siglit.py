@@ -22,8 +22,9 @@ config.evals there.
 
 import ml_collections
 
-from configs import cappa_tiny
-from configs.common import parse_arg
+from transfer.config import parse_arg, sibling
+
+cappa_tiny = sibling(__file__, "cappa_tiny.py")
 
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 # configs/cappa_tiny.py's image tower and text decoder (the text tower mirrors the decoder's shapes).

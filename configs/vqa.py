@@ -33,7 +33,8 @@ The tiny scenes tokenizer has no digits, so on scenes answers are trained as num
 
 import ml_collections
 
-from configs.common import cappa_arch, parse_arg, tower_schedule
+from tasks.config_helpers import cappa_arch, tower_schedule
+from transfer.config import parse_arg
 
 # name -> dataset (TFDS or a file source), (train, validation, test) splits, feature keys (None: absent).
 DATASETS = {
@@ -70,7 +71,7 @@ def get_config(arg=None):
         raise ValueError(f"answer={args['answer']!r}: use sample or majority")
     ds, scenes = DATASETS[args["data"]], args["data"] == "scenes"
     arch = args["arch"] or ("tiny" if scenes else "b16")
-    pretrain, res = cappa_arch(arch)
+    pretrain, res = cappa_arch(arch, __file__)
     tokenizer = args["tokenizer"] or pretrain.tokenizer
     max_len = int(pretrain.model.txt.max_len)
 
@@ -91,6 +92,7 @@ def get_config(arg=None):
         "majority_answer(key='answers', outkey='answer')"
     )  # fmt: skip
     spell = "|spell_numbers(key='answer')" if c.spell_numbers else ""
+    c.pp_modules = ["tasks.vqa_pp"]  # vqa_answers, majority_answer, spell_numbers
     c.input = dict(
         data=dict(name=ds["name"], split=train_split, **ds.get("files", {})),
         batch_size=64 if scenes else 256,

@@ -430,7 +430,7 @@ def teacher_forced_logits(model: cappa.Model, params: Any, images: Any, tokens: 
     )
 
 
-def sequence_logprobs(
+def reference_logprobs(
     model: cappa.Model,
     params: Any,
     images: Any,
@@ -441,9 +441,10 @@ def sequence_logprobs(
 ) -> np.ndarray:
     """Summed teacher-forced log-probs [N] of token rows [N,L] (up to and including the first EOS).
 
-    ``images`` has one image per row. A scoring helper and the tests' brute-force reference. With
-    ``pad_id`` (and ``vocab_limit``) the log-probs are those ``generate`` reports: the model's
-    distribution renormalised over the ids decoding may emit (``forbid_ids``); without, the model's own.
+    ``images`` has one image per row. The reference implementation the tests check ``generate`` against
+    (full recomputation, no KV cache; nothing else calls it). With ``pad_id`` (and ``vocab_limit``) the
+    log-probs are those ``generate`` reports: the model's distribution renormalised over the ids decoding
+    may emit (``forbid_ids``); without, the model's own.
     """
     tokens = jnp.asarray(tokens, jnp.int32)
     logits = teacher_forced_logits(model, params, images, tokens)

@@ -20,7 +20,7 @@ examples of every class as the shots and the next `holdout_per_class` as held-ou
 the shots, l2 is the grid value with the best held-out accuracy (ties go to the larger l2), and the same fit with
 that l2 is scored on the test split. The test split never reaches `choose_l2`.
 
-    cappa probe --checkpoint WORKDIR --config configs/fewshot.py      (report: tasks/fewshot_report.py)
+    cappa probe --checkpoint WORKDIR --config configs/fewshot.py      (the command: tasks/fewshot_report.py)
     evals.fewshot = dict(type="tasks.fewshot:Evaluator", datasets=("scenes",), log_steps=1000)
 """
 
@@ -34,6 +34,8 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tasks import fewshot_datasets as table
 
 BIAS_FEATURE = 100.0
 STD_EPS = 1e-5
@@ -252,10 +254,8 @@ SPEC_KEYS = ("name", "train_split", "test_split", "pp", "label_key", "data_dir")
 
 
 def dataset_specs(datasets: Any, data_dir: str | None = None) -> dict[str, dict[str, Any]]:
-    """{name: spec}: names are looked up in the table of configs/fewshot.py; a mapping's entries are merged over
+    """{name: spec}: names are looked up in tasks/fewshot_datasets.py's table; a mapping's entries are merged over
     the table's entry of the same name (or must be complete). A spec without data_dir gets `data_dir`."""
-    from configs import fewshot as table
-
     if hasattr(datasets, "to_dict"):  # a ConfigDict (evals.<name>.datasets) is not a Mapping
         datasets = datasets.to_dict()
     if isinstance(datasets, str):
@@ -274,7 +274,7 @@ def dataset_specs(datasets: Any, data_dir: str | None = None) -> dict[str, dict[
         missing = [k for k in SPEC_KEYS if k not in spec and k != "data_dir"]
         if missing:
             raise ValueError(
-                f"dataset {name!r} is not in configs/fewshot.py's table ({sorted(table.DATASETS)}), so it needs "
+                f"dataset {name!r} is not in tasks/fewshot_datasets.py ({sorted(table.DATASETS)}), so it needs "
                 f"all of {list(SPEC_KEYS[:-1])}; missing {missing}."
             )
         spec["data_dir"] = spec.get("data_dir") or data_dir
@@ -293,19 +293,30 @@ def resolve_pp(pp: str, resolution: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- evaluator
+# The protocol's knobs, for the evaluator and for `cappa probe` (configs/fewshot.py picks the datasets).
+PROTOCOL_DEFAULTS = dict(
+    shots=(1, 5, 10, 25),
+    seeds=(0, 1, 2),  # seed s: the first k per class of the train split's permutation seeded by s
+    layer="final",  # "final" (after the last norm) or a block index (0-based, negative from the end)
+    pooling="gap",  # gap | registers | tokens | cls | map | pre_logits (see pretrain/features.py)
+    l2_grid=L2_GRID,  # one eigh per (shots, seed) covers them all
+    holdout_per_class=10,  # held-out TRAIN examples per class that choose l2 (after the shots)
+    short_classes="error",  # a class with fewer than k train examples: "error" or "use_all" (all are shots)
+    resolution=None,  # None = the tower's (learnt position embedding, else the last resize(N) of input.pp)
+)
 EVAL_DEFAULTS = dict(
     type=None,
-    datasets=("scenes",),  # names of configs/fewshot.py's table, or {name: spec (overrides)}
-    shots=(1, 5, 10, 25),
-    seeds=(0, 1, 2),
-    layer="final",
-    pooling="gap",
-    l2_grid=L2_GRID,
-    holdout_per_class=10,
-    short_classes="error",
-    resolution=None,  # None = the tower's (learnt position embedding, else the last resize(N) of input.pp)
+    datasets=("scenes",),  # names of tasks/fewshot_datasets.py's table, or {name: spec (overrides)}
+    **PROTOCOL_DEFAULTS,
     batch_size=None,  # None = config.input.batch_size
     log_steps=None,
+)
+# `cappa probe --config configs/fewshot.py` (tasks/fewshot_report.py).
+PROBE_DEFAULTS = dict(
+    datasets={},  # {name: spec}: configs/fewshot.py's arg picks them from tasks/fewshot_datasets.py
+    **PROTOCOL_DEFAULTS,
+    batch_size=64,  # images per feature-extraction step (a multiple of the device count)
+    cache_dir=None,  # features cache; None = <out>/cache
 )
 
 
@@ -383,10 +394,3 @@ class Evaluator:
             )  # fmt: skip
             out.update({f"{name}/{k}shot": r["mean"] for k, r in result["shots"].items()})
         return out
-
-
-def main(argv: list[str]) -> int:
-    """`cappa probe` (the command and the report live in tasks/fewshot_report.py)."""
-    from tasks import fewshot_report
-
-    return fewshot_report.main(argv)

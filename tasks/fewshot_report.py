@@ -31,13 +31,12 @@ REPORT_FILES = ("fewshot.md", "fewshot.json", "fewshot.png")
 
 # ---------------------------------------------------------------------------------------------- config
 def load_config(path: str, overrides: Mapping[str, Any]) -> Any:
-    """The probe config of `path[:arg]`, completed with configs/fewshot.py's defaults, overrides applied."""
+    """The probe config of `path[:arg]`, completed with `fewshot.PROBE_DEFAULTS`, overrides applied."""
     import ml_collections
 
-    from configs import fewshot as defaults_file
     from transfer import config as config_lib
 
-    defaults = defaults_file.get_config().to_dict()
+    defaults = dict(fewshot.PROBE_DEFAULTS)
     user = config_lib.load_config_file(path).to_dict()
     unknown = sorted(set(user) - set(defaults))
     if unknown:

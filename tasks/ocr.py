@@ -11,8 +11,7 @@ tokenizer can write at all (decode(encode(text)) == text, case-folded with ``ign
 of exact match for a tokenizer with a small alphabet. ``write`` saves ``ocr/<name>_step<N>.json``
 (``[{"image_id", "text"}]``) and ``ocr/<name>_samples.html``; ``finalize`` writes ``ocr.md``.
 
-pp ops: ``fold(parts)`` turns a wide strip into a square-ish image without resampling (configs/ocr.py says
-why), ``lowercase(key)`` folds a text's case.
+pp ops: tasks/ocr_pp.py (``fold``, ``lowercase``; a config lists it in ``pp_modules``).
 """
 
 from __future__ import annotations
@@ -23,11 +22,9 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import tensorflow as tf
-
 from pretrain import cappa_task
 from tasks import caption_eval, ocr_metrics, report_utils, retrieval_eval, vqa_eval
-from transfer import evaluators, input_pipeline, pp, pp_text
+from transfer import evaluators, input_pipeline, pp_text
 
 DEFAULTS = dict(cappa_task.DEFAULTS, masked_pred_prob=0.0)
 _REPORTED = ("exact_match", "cer", "cer_mean", "anls")
@@ -54,35 +51,6 @@ EVAL_DEFAULTS = dict(
 )
 
 
-# ------------------------------------------------------------------------------------------ pp ops
-@pp.register("fold")
-def get_fold(parts: int = 2, key: str = "image") -> pp.Op:
-    """[H, W, C] -> [parts * H, W / parts, C]: the strip cut into `parts` equal pieces, left to right,
-    stacked top to bottom (a 32x128 word strip becomes 64x64 with every pixel kept)."""
-    if parts < 1:
-        raise ValueError(f"fold: parts must be >= 1, got {parts}")
-
-    def op(example: pp.Example) -> pp.Example:
-        image = example[key]
-        shape = tf.shape(image)
-        check = tf.debugging.assert_equal(
-            shape[1] % parts, 0, message=f"fold: image width not divisible by {parts}"
-        )
-        with tf.control_dependencies([check]):
-            pieces = tf.split(image, parts, axis=1)
-        return {**example, key: tf.concat(pieces, axis=0)}
-
-    return op
-
-
-@pp.register("lowercase")
-def get_lowercase(key: str = "text", outkey: str | None = None) -> pp.Op:
-    def op(example: pp.Example) -> pp.Example:
-        return {**example, outkey or key: tf.strings.lower(example[key], encoding="utf-8")}
-
-    return op
-
-
 # ------------------------------------------------------------------------------------------ the task
 class Task(cappa_task.Task):
     """CapPa's captioning task reading text, with the OCR evaluator and a report."""
@@ -101,7 +69,7 @@ class Task(cappa_task.Task):
 def read_texts(data: Mapping[str, Any], text_key: str, id_key: str, max_refs: int) -> dict:
     """{image id: [reference texts]} of a whole split (images never decoded)."""
     pp_str = (
-        f"flatten|vqa_answers(key={text_key!r}, n={int(max_refs)}, outkey='refs')"
+        f"flatten|tasks.vqa_pp.vqa_answers(key={text_key!r}, n={int(max_refs)}, outkey='refs')"
         f"|keep({id_key!r}, 'refs')"
     )
     refs: dict[Any, list[str]] = {}

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import cappa_task, prefix_lm
-from tasks import report_utils, vqa_eval
+from tasks import report_utils, vqa_eval, vqa_pp
 
 DEFAULTS = dict(
     cappa_task.DEFAULTS,
@@ -145,7 +145,7 @@ def answer_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
     )  # fmt: skip
     answers = [a.strip() for a in tok.decode(out["tokens"])]
     if run.config.get("spell_numbers"):
-        answers = [vqa_eval.digits_from_words(a) for a in answers]
+        answers = [vqa_pp.digits_from_words(a) for a in answers]
     return [
         {"image": args.image, "question": q, "answer": a, "logprob": float(lp)}
         for q, a, lp in zip(args.questions, answers, out["logprobs"], strict=True)

@@ -30,10 +30,9 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
-from tasks import caption_eval, retrieval_eval, vqa_metrics
-from transfer import evaluators, input_pipeline, pp, pp_text, sharding
+from tasks import caption_eval, retrieval_eval, vqa_metrics, vqa_pp
+from transfer import evaluators, input_pipeline, pp_text, sharding
 
 DEFAULTS = dict(
     type="vqa",
@@ -52,76 +51,6 @@ DEFAULTS = dict(
     majority_baseline=True,
     num_samples=16,
 )
-NUMBER_WORDS = (
-    "none",
-    "one",
-    "two",
-    "three",
-    "four",
-    "five",
-    "six",
-    "seven",
-    "eight",
-    "nine",
-    "ten",
-)
-
-
-# ------------------------------------------------------------------------------------------ pp ops
-@pp.register("vqa_answers")
-def get_vqa_answers(key: str = "answers", n: int | None = 10, outkey: str = "answers") -> pp.Op:
-    """The human answers as a sequence of strings. `n` given: exactly `n` strings, a single answer
-    (rank 0) repeated `n` times, a sequence cut to its first `n` and padded with empty strings (dropped
-    again when scoring). `n=None` (training): the sequence as it is, a single answer as a sequence of one."""
-
-    def op(example: pp.Example) -> pp.Example:
-        answers = tf.convert_to_tensor(example[key])
-        if answers.dtype != tf.string or answers.shape.rank not in (0, 1):
-            raise ValueError(
-                f"vqa_answers: {key!r} must be a string or a sequence of strings, got "
-                f"{answers.dtype.name} of shape {answers.shape}; set answers_key."
-            )
-        if n is None:
-            return {**example, outkey: tf.reshape(answers, [-1])}
-        if answers.shape.rank == 0:
-            return {**example, outkey: tf.fill([n], answers)}
-        answers = answers[:n]
-        answers = tf.concat([answers, tf.fill([n - tf.shape(answers)[0]], "")], 0)
-        return {**example, outkey: tf.ensure_shape(answers, [n])}
-
-    return op
-
-
-@pp.register("majority_answer")
-def get_majority_answer(key: str = "answers", outkey: str = "answer") -> pp.Op:
-    """The most frequent of a sequence of answers (ties: the first seen), a deterministic target."""
-
-    def op(example: pp.Example) -> pp.Example:
-        values, index, counts = tf.unique_with_counts(tf.reshape(example[key], [-1]))
-        del index
-        return {**example, outkey: values[tf.argmax(counts, output_type=tf.int32)]}
-
-    return op
-
-
-@pp.register("spell_numbers")
-def get_spell_numbers(key: str = "answer", outkey: str | None = None) -> pp.Op:
-    """Whole-word numbers 0-10 -> "none", "one" .. "ten" (a tokenizer without digits can then write
-    them; `digits_from_words` maps predictions back)."""
-
-    def op(example: pp.Example) -> pp.Example:
-        text = example[key]
-        for n in range(10, -1, -1):  # 10 before 1
-            text = tf.strings.regex_replace(text, rf"\b{n}\b", NUMBER_WORDS[n])
-        return {**example, outkey or key: text}
-
-    return op
-
-
-def digits_from_words(answer: str) -> str:
-    """The inverse of `spell_numbers` on a predicted answer: number words -> digits."""
-    words = {w: str(i) for i, w in enumerate(NUMBER_WORDS)}
-    return re.sub(r"[a-z]+", lambda m: words.get(m.group(0), m.group(0)), answer)
 
 
 # ------------------------------------------------------------------------------------------ annotations
@@ -139,7 +68,7 @@ def read_annotations(data: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
     keys = [cfg["id_key"], cfg["question_key"], cfg["answer_type_key"], cfg["question_type_key"]]
     keys = [k for k in keys if k] + ["all_answers"]
     pp_str = (
-        f"flatten|vqa_answers(key={cfg['answers_key']!r}, n={int(cfg['max_answers'])}, "
+        f"flatten|tasks.vqa_pp.vqa_answers(key={cfg['answers_key']!r}, n={int(cfg['max_answers'])}, "
         f"outkey='all_answers')|keep({', '.join(repr(k) for k in keys)})"
     )
     out: dict[Any, vqa_metrics.VqaAnnotation] = {}
@@ -245,7 +174,7 @@ class VqaEvaluator:
 
     def answers(self, tokens: np.ndarray) -> list[str]:
         texts = [t.strip() for t in self.tokenizer.decode(tokens)]
-        return [digits_from_words(t) for t in texts] if self.spell_numbers else texts
+        return [vqa_pp.digits_from_words(t) for t in texts] if self.spell_numbers else texts
 
     def predict(self, params: Any) -> tuple[dict[Any, str], list[tuple[np.ndarray, Any]]]:
         """{question id: generated answer} over the split, and (image, id) of the first samples."""

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import sys
 
 import jax
@@ -38,6 +39,7 @@ def example_run(tmp_path_factory, data_dir):
     (package / "count_regression.py").write_text(blocks["tasks/count_regression.py"])
     config_path = root / "count_config.py"
     config_path.write_text(blocks["configs/count_regression.py"])
+    shutil.copy(os.path.join(os.path.dirname(DOC), "..", "configs", "cappa_tiny.py"), root)
     sys.path.insert(0, str(root))
     try:
         config = config_lib.load_config_file(str(config_path))

@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tasks import caption, caption_eval, caption_metrics, report_utils
+from tasks import caption, caption_eval, caption_metrics, generation_eval, report_utils
 from transfer import config as config_lib
 from transfer import metrics, train
 
@@ -203,7 +203,7 @@ def test_samples_page_embeds_images_and_escapes_text():
     from PIL import Image
 
     image = np.linspace(-1, 1, 4 * 4 * 3, dtype=np.float32).reshape(4, 4, 3)
-    page = caption_eval.samples_html(
+    page = generation_eval.samples_html(
         [(image, 7)], {7: "a <red> circle"}, {7: ["ref & one", "ref two"]}, title="t"
     )
     assert "<b>a &lt;red&gt; circle</b>" in page and "ref &amp; one" in page
@@ -216,8 +216,9 @@ def test_samples_page_embeds_images_and_escapes_text():
 
 
 def test_config_args_build_the_protocols():
-    from configs import caption_coco
+    from transfer.config import load_config_module
 
+    caption_coco = load_config_module("configs/caption_coco.py")
     frozen = caption_coco.get_config()
     assert frozen.schedule[0] == ("img/.*", None) and frozen.model_load.dont_load == []
     lit = caption_coco.get_config("decoder=scratch")

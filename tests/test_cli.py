@@ -40,3 +40,27 @@ def test_unprepared_dataset_fails_fast(capsys, tmp_path):
     )
     assert code == 2
     assert "tfds build mnist" in capsys.readouterr().err
+
+
+def test_only_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
+    """Our user-error types (config, data, checkpoint) print one line and exit 2; a bug keeps its traceback."""
+    import pytest
+
+    from transfer import checkpoint, train
+
+    argv = ["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path)]
+
+    def mismatch(config, workdir):
+        raise checkpoint.CheckpointMismatchError("checkpoint lacks img/head/kernel")
+
+    monkeypatch.setattr(train, "train", mismatch)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: checkpoint lacks img/head/kernel"
+
+    def bug(config, workdir):
+        raise ValueError("operands could not be broadcast together with shapes (4,) (3,)")
+
+    monkeypatch.setattr(train, "train", bug)
+    with pytest.raises(ValueError, match="broadcast"):
+        cli.main(argv)

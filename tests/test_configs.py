@@ -11,7 +11,7 @@ from transfer import train
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {
     "classify.py": [None, "frozen"],
-    "cappa_tiny.py": [None, "cap", "pa", "cap,tokenizer=other.model"],
+    "cappa_tiny.py": [None, "pa", "pa,tokenizer=other.model"],
     "cappa_l16.py": [None, "tokenizer=t.model,shards=s/*.tar"],
     "cappa_b16.py": [None],
     "caption_coco.py": [

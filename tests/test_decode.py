@@ -86,7 +86,7 @@ def reference_logprobs(model, params, images, tokens):
     rest renormalised: the distribution that decoding chooses from."""
     b, r, length = tokens.shape
     flat_images = np.repeat(images, r, axis=0)
-    return decode.sequence_logprobs(
+    return decode.reference_logprobs(
         model, params, flat_images, tokens.reshape(b * r, length), EOS, pad_id=PAD
     ).reshape(b, r)
 
@@ -160,7 +160,7 @@ def test_full_beam_finds_the_exhaustive_best(tiny, alpha, pad_bias):
         length_penalty=alpha, max_len=MAX_LEN, eos_id=EOS, pad_id=PAD,
     )  # fmt: skip
     for i, image in enumerate(images):
-        logp = decode.sequence_logprobs(
+        logp = decode.reference_logprobs(
             model, params, np.repeat(image[None], len(seqs), 0), seqs, EOS,
             pad_id=None if unrestricted else PAD,
         )  # fmt: skip

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from demo import pipeline, report
+from tasks.demo import pipeline, report
 
 
 @pytest.fixture(scope="module")

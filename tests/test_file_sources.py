@@ -319,7 +319,10 @@ def test_bad_files_fail_with_what_was_expected(root, tmp_path):
 
 
 def test_config_choices(root):
-    from configs import caption_coco, vqa
+    from transfer.config import load_config_module
+
+    caption_coco = load_config_module("configs/caption_coco.py")
+    vqa = load_config_module("configs/vqa.py")
 
     files = caption_coco.get_config("data=coco_files")
     assert files.input.data.name == "coco_files" and files.input.data.split == "train+restval"

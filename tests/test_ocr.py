@@ -9,7 +9,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from tasks import ocr, ocr_metrics
+from tasks import ocr, ocr_metrics, ocr_pp
 from transfer import config as config_lib
 from transfer import metrics, train
 
@@ -36,6 +36,7 @@ def ocr_config(data_dir, tok, **overrides):
     c.task = "tasks.ocr"
     c.total_steps = 300
     c.tokenizer = tok.path
+    c.pp_modules = ["tasks.ocr_pp"]
     c.input = dict(
         # The 16 strips it is scored on: a test-sized model fits them in seconds, which proves training +
         # decoding + scoring end to end (reading unseen words is the demo's to show).
@@ -122,11 +123,11 @@ def test_fold_keeps_every_pixel_in_reading_order():
     import tensorflow as tf
 
     strip = np.arange(32 * 128 * 3, dtype=np.int32).reshape(32, 128, 3)
-    folded = ocr.get_fold(2)({"image": tf.constant(strip)})["image"].numpy()
+    folded = ocr_pp.get_fold(2)({"image": tf.constant(strip)})["image"].numpy()
     assert folded.shape == (64, 64, 3)
     np.testing.assert_array_equal(folded[:32], strip[:, :64])
     np.testing.assert_array_equal(folded[32:], strip[:, 64:])
-    assert ocr.get_lowercase()({"text": tf.constant("ZeBra")})["text"].numpy() == b"zebra"
+    assert ocr_pp.get_lowercase()({"text": tf.constant("ZeBra")})["text"].numpy() == b"zebra"
 
 
 def test_frozen_tower_is_bit_identical(ocr_run, data_dir, ocr_tokenizer, tmp_path):
@@ -144,8 +145,8 @@ def test_frozen_tower_is_bit_identical(ocr_run, data_dir, ocr_tokenizer, tmp_pat
 
 
 def test_config_args(tmp_path):
-    from configs import ocr as ocr_config_file
-    from configs import vqa as vqa_config_file
+    ocr_config_file = config_lib.load_config_module("configs/ocr.py")
+    vqa_config_file = config_lib.load_config_module("configs/vqa.py")
 
     scenes = ocr_config_file.get_config()
     assert "fold(2)" in scenes.input.pp and "lowercase" in scenes.input.pp

@@ -18,13 +18,13 @@ import pytest
 import real_tfds
 import tensorflow_datasets as tfds
 
-from configs import fewshot as fewshot_table
-from configs import ocr as ocr_config
-from configs import vqa as vqa_config
+from tasks import fewshot_datasets as fewshot_table
 from transfer import cli, file_sources, input_pipeline, shards, train
 from transfer import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ocr_config = config_lib.load_config_module(os.path.join(ROOT, "configs", "ocr.py"))
+vqa_config = config_lib.load_config_module(os.path.join(ROOT, "configs", "vqa.py"))
 K = 8  # examples per split part and batch size (one per fake device)
 TINY_MODEL = dict(
     img=dict(width=32, depth=1, mlp_dim=64, num_heads=2),

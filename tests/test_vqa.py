@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from pretrain import cappa, prefix_lm
-from tasks import vqa, vqa_eval, vqa_metrics
+from tasks import vqa, vqa_eval, vqa_metrics, vqa_pp
 from transfer import config as config_lib
 from transfer import metrics, train
 
@@ -161,12 +161,12 @@ def test_pp_ops_and_number_words():
     import tensorflow as tf
 
     ex = {"answers": tf.constant(["2", "two", "2", "3"]), "answer": tf.constant("2 dogs and 10")}
-    assert vqa_eval.get_majority_answer()(ex)["answer"].numpy() == b"2"
-    spelled = vqa_eval.get_spell_numbers()(ex)["answer"].numpy().decode()
-    assert spelled == "two dogs and ten" and vqa_eval.digits_from_words(spelled) == "2 dogs and 10"
-    one = vqa_eval.get_vqa_answers(key="answer", n=3)(ex)["answers"].numpy().tolist()
+    assert vqa_pp.get_majority_answer()(ex)["answer"].numpy() == b"2"
+    spelled = vqa_pp.get_spell_numbers()(ex)["answer"].numpy().decode()
+    assert spelled == "two dogs and ten" and vqa_pp.digits_from_words(spelled) == "2 dogs and 10"
+    one = vqa_pp.get_vqa_answers(key="answer", n=3)(ex)["answers"].numpy().tolist()
     assert one == [b"2 dogs and 10"] * 3
-    assert vqa_eval.get_vqa_answers(n=None)(ex)["answers"].shape == (4,)
+    assert vqa_pp.get_vqa_answers(n=None)(ex)["answers"].shape == (4,)
 
 
 # ------------------------------------------------------------------------------ the task end to end
@@ -188,6 +188,7 @@ def vqa_config(data_dir, tok, **overrides):
     c.total_steps = 300
     c.tokenizer = tok.path
     c.question_len, c.answer_len = QLEN, ALEN
+    c.pp_modules = ["tasks.vqa_pp"]
     c.input = dict(
         # The 16 questions it is scored on: a test-sized model fits them in seconds, which proves
         # training + prefix decoding + scoring end to end (generalisation is the demo's to show).

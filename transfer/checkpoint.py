@@ -20,11 +20,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from transfer import tree
+from transfer.config import MissingFileError, UserError
 
-ITEMS = ("params", "train", "input")
 
-
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError, ValueError):
     """A checkpoint whose tree does not fit the model: the message lists the paths."""
 
 
@@ -144,12 +143,12 @@ def _checkpoint_dir(path: str) -> tuple[str, int]:
     if _is_step_dir(path):
         return os.path.dirname(path), int(os.path.basename(path))
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"config.model_init = '{path}' does not exist.")
+        raise MissingFileError(f"config.model_init = '{path}' does not exist.")
     mngr = manager(path, read_only=True)
     step = mngr.latest_step()
     mngr.close()
     if step is None:
-        raise FileNotFoundError(f"config.model_init = '{path}' holds no complete checkpoint.")
+        raise MissingFileError(f"config.model_init = '{path}' holds no complete checkpoint.")
     return path, step
 
 

@@ -16,7 +16,10 @@ from transfer import registry
 # name -> ("module:function", help). The function takes the remaining argv.
 COMMANDS = {
     "train": ("transfer.cli:train_command", "train (or resume) a run in a workdir"),
-    "demo": ("demo.pipeline:main", "run the main job on the embedded data (what `make demo` does)"),
+    "demo": (
+        "tasks.demo.pipeline:main",
+        "run the main job on the embedded data (what `make demo` does)",
+    ),
     "tokenizer": (
         "transfer.tokenizer:main",
         "SentencePiece models: train on a dataset's captions, encode, decode",
@@ -24,7 +27,10 @@ COMMANDS = {
     "info": ("pretrain.info:main", "parameter counts and FLOPs of a config (nothing allocated)"),
     "caption": ("pretrain.caption:main", "caption images with a trained CapPa run"),
     "attention": ("pretrain.attention:main", "write attention-map overlays (PNG) for an image"),
-    "probe": ("tasks.fewshot:main", "few-shot linear probes of a trained tower, with a report"),
+    "probe": (
+        "tasks.fewshot_report:main",
+        "few-shot linear probes of a trained tower, with a report",
+    ),
     "zeroshot": ("tasks.zeroshot:main", "top classes of images with a trained SigLiT run"),
     "vqa": ("tasks.vqa:main", "answer questions about an image with a trained VQA run"),
     "score-vqa": (
@@ -61,15 +67,8 @@ def train_command(argv: list[str]) -> int:
     parser.add_argument("--process_id", type=int, default=None)
     args = parser.parse_args(argv)
     # Heavy imports after argument errors are reported.
-    from transfer import input_pipeline, metrics, sharding, train
+    from transfer import metrics, sharding, train
 
-    user_errors = (
-        config_lib.ConfigError,
-        train.NonFiniteLossError,
-        input_pipeline.DataNotPreparedError,
-        ValueError,  # Also covers checkpoint.CheckpointMismatchError.
-        FileNotFoundError,
-    )
     sharding.maybe_initialize_distributed(
         args.coordinator_address, args.num_processes, args.process_id
     )
@@ -81,7 +80,7 @@ def train_command(argv: list[str]) -> int:
     except train.Preempted as e:
         print(e, file=sys.stderr)
         return 143
-    except user_errors as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     metrics.log(

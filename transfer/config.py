@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import json
 import os
+import types
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -20,8 +21,17 @@ import ml_collections
 OPEN_SUBTREES = ("optax", "evals", "model", "input.data")
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (config, data, checkpoint, paths): `cappa` prints the message alone.
+    Every other exception is a bug and keeps its traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A config that cannot run: the message says which key and how to fix it."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the config or command line names does not exist."""
 
 
 def engine_defaults() -> ml_collections.ConfigDict:
@@ -38,6 +48,9 @@ def engine_defaults() -> ml_collections.ConfigDict:
         prefetch=2,
         cache_raw=False,
     )
+    # Modules whose pp ops the run's pp strings use besides the engine's (transfer/pp.py), e.g.
+    # ["tasks.ocr_pp"]; imported before any pp string is parsed.
+    c.pp_modules = []
     # Optimizer: optax by name; `optax` holds extra constructor kwargs (b2, momentum, ...).
     c.optax_name = "adamw"
     c.optax = dict()
@@ -144,20 +157,43 @@ def merge_with_defaults(
     return ml_collections.ConfigDict(_merge(defaults, user_dict))
 
 
+def load_config_module(path: str) -> types.ModuleType:
+    """The module of config file `path`: configs are data loaded by path, never imported by name."""
+    if not os.path.exists(path):
+        raise ConfigError(f"Config file '{path}' does not exist.")
+    name = "_cappa_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
+
+
+def sibling(here: str, filename: str) -> types.ModuleType:
+    """The config module `filename` next to the file `here` (a config's `__file__`)."""
+    return load_config_module(os.path.join(os.path.dirname(os.path.abspath(here)), filename))
+
+
 def load_config_file(spec: str) -> ml_collections.ConfigDict:
     """Loads `path/to/config.py` or `path/to/config.py:arg` by calling its `get_config(arg)`."""
     path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise ConfigError(f"Config file '{path}' does not exist.")
-    module_spec = importlib.util.spec_from_file_location("_cappa_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
+    module = load_config_module(path)
     if not hasattr(module, "get_config"):
         raise ConfigError(f"Config file '{path}' has no get_config(arg=None) function.")
     config = module.get_config(arg or None) if arg else module.get_config()
     if not isinstance(config, ml_collections.ConfigDict):
         config = ml_collections.ConfigDict(config)
     return config
+
+
+def parse_arg(arg: str | None, **defaults: Any) -> dict[str, Any]:
+    """A config's arg `"pa,tokenizer=x.model"` -> dict(defaults, pa=True, tokenizer="x.model")."""
+    out = dict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        if key not in defaults:
+            raise ConfigError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
+        out[key] = value if sep else True
+    return out
 
 
 def parse_value(text: str) -> Any:

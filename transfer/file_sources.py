@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from transfer import shards
+from transfer.config import MissingFileError
 
 _COMMON = ("name", "split", "data_dir")
 _PART = re.compile(r"^([\w\-]+)(\[.*\])?$")
@@ -43,7 +44,7 @@ Table = dict[str, Any]
 def _load(path: str, what: str, key: str) -> Any:
     """The parsed json at `path`, or a one-line error saying what was expected there."""
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(f"input.data.{key}: {path!r} does not exist (expected {what}).")
+        raise MissingFileError(f"input.data.{key}: {path!r} does not exist (expected {what}).")
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             return json.loads(f.read())
@@ -306,7 +307,7 @@ class FileSource:
     def _check_image(self, table: Table, part: str) -> None:
         """The first image of a part must exist: a wrong image root fails here, not as skipped examples."""
         if _rows(table) and not tf.io.gfile.exists(table["image_path"][0]):
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{self.NAME}: no image {table['image_path'][0]!r} for the first example of split {part!r}; "
                 f"set input.data.images ({self.IMAGES})."
             )
@@ -372,7 +373,7 @@ class CocoCaptions(FileSource):
                 sorted(tf.io.gfile.glob(pattern)) if any(c in pattern for c in "*?[") else [pattern]
             )
             if not found:
-                raise FileNotFoundError(
+                raise MissingFileError(
                     f"input.data.annotations: {pattern!r} matches no file (expected {_COCO})."
                 )
             paths += [p for p in found if p not in paths]

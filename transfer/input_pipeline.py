@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -37,6 +37,7 @@ import tensorflow_datasets as tfds
 
 from transfer import file_sources, shards
 from transfer import pp as pp_lib
+from transfer.config import ConfigError, UserError
 
 # tf.data only runs on the host: keep TF off any GPU/TPU so it does not reserve accelerator memory
 # that JAX needs (on CPU-only machines this is a no-op).
@@ -46,7 +47,7 @@ _MAX_EPOCHS = 2**62
 _CHECK_EXAMPLES = 16  # Raw examples tried eagerly at start-up to surface pp bugs.
 
 
-class DataNotPreparedError(RuntimeError):
+class DataNotPreparedError(UserError, RuntimeError):
     """The dataset is not on disk; we never download implicitly (it could take hours)."""
 
 
@@ -148,14 +149,14 @@ def _host_count(builder: Any, data_cfg: Mapping[str, Any], index: int, count: in
 
 def _local_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
+        raise ConfigError(
             f"batch_size {global_batch_size} must be a positive multiple of the "
             f"process count {process_count} (each host loads an equal share)."
         )
     return global_batch_size // process_count
 
 
-def _encoded_images(features: tfds.features.FeaturesDict) -> dict[str, Any]:
+def encoded_images(features: tfds.features.FeaturesDict) -> dict[str, Any]:
     """Decoders that keep every Image feature encoded: skipping must not decode, and the pp's
     `decode` turns bad bytes into a dropped example instead of a crash."""
     decoders: dict[str, Any] = {}
@@ -163,7 +164,7 @@ def _encoded_images(features: tfds.features.FeaturesDict) -> dict[str, Any]:
         if isinstance(feature, tfds.features.Image):
             decoders[key] = tfds.decode.SkipDecoding()
         elif isinstance(feature, tfds.features.FeaturesDict):
-            nested = _encoded_images(feature)
+            nested = encoded_images(feature)
             if nested:
                 decoders[key] = nested
     return decoders
@@ -177,7 +178,7 @@ def _raw_dataset(builder: tfds.core.DatasetBuilder, split: Any) -> tf.data.Datas
         split=split,
         shuffle_files=False,
         read_config=read_config,
-        decoders=_encoded_images(builder.info.features),
+        decoders=encoded_images(builder.info.features),
     )
 
 
@@ -209,11 +210,13 @@ def _stream_seed(key: int, index: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.constant(key, tf.int64), tf.cast(index, tf.int64)])
 
 
-def _prepare_fn(pp_string: str, example_key: int, fetch: Any = None) -> Any:
+def _prepare_fn(
+    pp_string: str, example_key: int, fetch: Any = None, pp_modules: Sequence[str] = ()
+) -> Any:
     """Wraps the pp: adds `_seed` from the stream index, keeps `_index` and `_converted`; a
     source's `fetch` (reading files a raw example points to) runs first, so its errors drop and
     count the example like a corrupt image."""
-    pp_fn = pp_lib.parse(pp_string)
+    pp_fn = pp_lib.parse(pp_string, pp_modules)
 
     def prepare(example: dict[str, Any], index: tf.Tensor) -> dict[str, Any]:
         if fetch is not None:
@@ -249,7 +252,7 @@ def _check_pp(raw: tf.data.Dataset, prepare: Any, pp_string: str) -> None:
                 error = error or e
     except tf.errors.OpError as e:  # Some failures (unsupported casts) surface at creation.
         error = e
-    raise ValueError(
+    raise ConfigError(
         f"pp {pp_string!r} fails on the first {_CHECK_EXAMPLES} examples (image "
         f"features arrive encoded: start the pp with `decode`): {error.message}"
     )
@@ -319,6 +322,7 @@ class TrainIterator:
         process_index: int | None = None,
         process_count: int | None = None,
         start_skipped: int = 0,
+        pp_modules: Sequence[str] = (),
     ):
         index, count = _process(process_index, process_count)
         self.batch_size = _local_batch_size(int(input_cfg["batch_size"]), count)
@@ -326,14 +330,14 @@ class TrainIterator:
         builder = get_builder(data_cfg)
         self.epoch_size = _host_count(builder, data_cfg, index, count)
         if self.epoch_size == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"Split {data_cfg['split']!r} of {data_cfg['name']!r} has no "
                 f"examples for process {index}/{count}."
             )
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
         raw = _host_raw(builder, data_cfg, index, count)
-        prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1), _fetch(builder))
+        prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1), _fetch(builder), pp_modules)
         _check_pp(raw, prepare, input_cfg["pp"])
         if input_cfg.get("cache_raw", False):
             raw = raw.cache()

@@ -3,7 +3,10 @@
 A pp string such as `decode|resize(64)|value_range(-1, 1)|keep("image", "label")` is parsed
 with Python's `ast` (never `eval`): the string is a chain of `|` (BitOr) whose leaves are op
 names or calls with literal arguments. Each name is looked up in a registry filled by the
-`@register(name)` decorator on factories `get_<name>(*args, **kwargs) -> op`.
+`@register(name)` decorator on factories `get_<name>(*args, **kwargs) -> op`. This module's ops and
+`DEFAULT_MODULES` (the `tokenize` op) are always there; a config names the modules of its other ops
+in `config.pp_modules` (big_vision's key, e.g. `["tasks.ocr_pp"]`), which `parse` imports first, or
+writes an op's qualified name (`tasks.ocr_pp.fold(2)`).
 
 Random ops are stateless so that a resumed run reproduces the same crops and flips: they read
 `example["_seed"]` (int64 [2], put there by the input pipeline from the run seed and the
@@ -23,10 +26,14 @@ from typing import Any
 
 import tensorflow as tf
 
+from transfer.config import ConfigError
+
 Example = dict[str, Any]
 Op = Callable[[Example], Example]
 
 _OPS: dict[str, Callable[..., Op]] = {}
+# Op modules every pp string may use, imported by `parse` (they import this module, not the reverse).
+DEFAULT_MODULES = ("transfer.pp_text",)
 
 
 def register(name: str) -> Callable[[Callable[..., Op]], Callable[..., Op]]:
@@ -48,6 +55,21 @@ def registered_ops() -> list[str]:
     return sorted(_OPS)
 
 
+def import_modules(modules: Sequence[str] = ()) -> None:
+    """Imports `DEFAULT_MODULES` and `modules` (e.g. `config.pp_modules`) so that their ops register."""
+    if isinstance(modules, str):
+        modules = [modules]
+    for name in (*DEFAULT_MODULES, *modules):
+        try:
+            importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name is None or not name.startswith(e.name):
+                raise
+            raise ConfigError(
+                f"pp module {name!r} (config.pp_modules) cannot be imported: {e}"
+            ) from e
+
+
 def get_op(name: str) -> Callable[..., Op]:
     """Returns the factory of op `name`; a dotted name imports its module first (plugins)."""
     if "." in name:
@@ -57,7 +79,12 @@ def get_op(name: str) -> Callable[..., Op]:
     if name not in _OPS:
         close = difflib.get_close_matches(name, _OPS, n=1, cutoff=0.0)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"Unknown pp op {name!r}.{hint} Registered ops: {registered_ops()}")
+        searched = sorted({f.__module__ for f in _OPS.values()})
+        raise ConfigError(
+            f"Unknown pp op {name!r}.{hint} Modules searched: {searched}; an op of another module "
+            "needs it in config.pp_modules (e.g. ['tasks.ocr_pp']) or a qualified name "
+            f"(module.{name}). Registered ops: {registered_ops()}"
+        )
     return _OPS[name]
 
 
@@ -66,7 +93,7 @@ def _dotted_name(node: ast.expr, source: str) -> str:
         return node.id
     if isinstance(node, ast.Attribute):
         return f"{_dotted_name(node.value, source)}.{node.attr}"
-    raise ValueError(f"Bad pp op {ast.get_source_segment(source, node)!r}: expected a name")
+    raise ConfigError(f"Bad pp op {ast.get_source_segment(source, node)!r}: expected a name")
 
 
 def _leaves(node: ast.expr) -> list[ast.expr]:
@@ -81,7 +108,7 @@ def _literal(node: ast.expr, source: str) -> Any:
         return ast.literal_eval(node)
     except ValueError as e:
         segment = ast.get_source_segment(source, node)
-        raise ValueError(f"pp argument {segment!r} is not a Python literal") from e
+        raise ConfigError(f"pp argument {segment!r} is not a Python literal") from e
 
 
 def _build(node: ast.expr, source: str) -> Op:
@@ -100,15 +127,16 @@ def offset_seed(seed: Any, salt: int) -> tf.Tensor:
     return tf.cast(seed, tf.int64) + tf.constant([mixed, 0], tf.int64)
 
 
-def parse(pp_string: str) -> Op:
-    """Builds the composed op of a pp string; an empty string is the identity."""
+def parse(pp_string: str, modules: Sequence[str] = ()) -> Op:
+    """Builds the composed op of a pp string (after importing the op `modules`); "" is the identity."""
+    import_modules(modules)
     ops: list[Op] = []
     if pp_string.strip():
         source = f"({pp_string.strip()})"
         try:
             tree = ast.parse(source, mode="eval").body
         except SyntaxError as e:
-            raise ValueError(f"Cannot parse pp string {pp_string!r}: {e.msg}") from e
+            raise ConfigError(f"Cannot parse pp string {pp_string!r}: {e.msg}") from e
         ops = [_build(node, source) for node in _leaves(tree)]
 
     def apply(example: Mapping[str, Any]) -> Example:
@@ -450,7 +478,3 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> Example:
 def get_flatten() -> Op:
     """TFDS nested features {"captions": {"text": t}} -> {"captions/text": t}."""
     return _flatten
-
-
-# Text ops (`tokenize`) live in their own module; importing it here registers them with every pp.
-from transfer import pp_text  # noqa: E402, F401

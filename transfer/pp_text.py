@@ -6,8 +6,8 @@ A typical captioning pp string:
     tokenize(max_len=16, model="tok.model", key="text", outkey="labels")|keep("image", "labels")
 
 tensorflow_text is not a dependency, so the SentencePiece call runs through `tf.numpy_function`
-(Python, under the GIL; cheap next to image decoding). `pp.py` imports this module at its end so
-that the ops register whenever pp strings are parsed.
+(Python, under the GIL; cheap next to image decoding). `pp.parse` imports this module (one of
+`pp.DEFAULT_MODULES`), so `tokenize` is in every pp string.
 """
 
 from __future__ import annotations

@@ -52,6 +52,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
+from transfer.config import MissingFileError
+
 NAME = "img2dataset"
 KEYS = ("name", "pattern", "format", "image_ext", "caption_key", "split", "data_dir")
 _TAR_EXT = (".tar",)
@@ -99,7 +101,7 @@ def resolve(patterns: Sequence[str]) -> list[str]:
     for pattern in patterns:
         matches = [p for p in sorted(tf.io.gfile.glob(pattern)) if not p.endswith(_SIDE_FILES)]
         if not matches:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"input.data.pattern {pattern!r} matches no shard files; check the path (local or "
                 "gs://) and the glob, e.g. 'dir/*.tar' or 'dir/*.tfrecord'."
             )

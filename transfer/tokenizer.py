@@ -31,6 +31,8 @@ from typing import Any
 import numpy as np
 import sentencepiece as spm
 
+from transfer import config as config_lib
+
 # The ids of models we train; `Tokenizer` reads them from the model, these only feed the trainer.
 TRAIN_PAD_ID, TRAIN_EOS_ID, TRAIN_UNK_ID = 0, 1, 2
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
@@ -48,7 +50,7 @@ def _gfile() -> Any:
 def _read_model(path: str) -> spm.SentencePieceProcessor:
     gfile = _gfile()
     if not gfile.exists(path):
-        raise FileNotFoundError(
+        raise config_lib.MissingFileError(
             f"SentencePiece model {path!r} does not exist; train one with "
             "`cappa tokenizer train ... --out PATH.model` or point to an existing .model file."
         )
@@ -270,7 +272,7 @@ def captions_from_dataset(
     ds = builder.as_dataset(
         split=data_cfg["split"],
         shuffle_files=False,
-        decoders=input_pipeline._encoded_images(builder.info.features),
+        decoders=input_pipeline.encoded_images(builder.info.features),
     )
     count = 0
     for example in tfds.as_numpy(ds):

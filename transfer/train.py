@@ -34,7 +34,7 @@ from transfer import config as config_lib
 from transfer import step as step_lib
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(config_lib.UserError, FloatingPointError):
     """The loss became NaN/inf: the message names the step and the last good checkpoint."""
 
 
@@ -126,8 +126,8 @@ class Run:
     start_step: int
     evals: dict
     # The step without micro-batches (same FLOPs per example; XLA counts a loop body once): lowered,
-    # never compiled, for the perf/ metrics. None = `step_fn` itself.
-    cost_fn: Any = None
+    # never compiled, for the perf/ metrics (`step_fn` itself when accum_steps == 1).
+    cost_fn: Any
 
 
 def train(
@@ -177,8 +177,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
             )
         start_position = saved["positions"][jax.process_index()]
         start_skipped = saved.get("skipped", [0] * jax.process_count())[jax.process_index()]
+    # config.pp_modules: the op modules of every pp string of the run (evaluators' too).
     data_iter = input_pipeline.TrainIterator(
-        config.input, seed=config.seed, start_position=start_position, start_skipped=start_skipped
+        config.input,
+        seed=config.seed,
+        start_position=start_position,
+        start_skipped=start_skipped,
+        pp_modules=config.pp_modules,
     )
     first_batch = next(data_iter)
 
@@ -261,7 +266,9 @@ def load_model_init(
     if checkpoint.is_run(config.model_init):
         return checkpoint.load_params(config.model_init, params, param_sh, load_cfg)
     if not os.path.exists(config.model_init):
-        raise FileNotFoundError(f"config.model_init = '{config.model_init}' does not exist.")
+        raise config_lib.MissingFileError(
+            f"config.model_init = '{config.model_init}' does not exist."
+        )
     if not load_cfg.loader:
         what = "a directory but not a run of ours" if os.path.isdir(config.model_init) else "a file"
         raise config_lib.ConfigError(
@@ -339,7 +346,7 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
     }
     config = run.config
     perf = flops.measure_step(
-        run.cost_fn or run.step_fn, (state, batch), config.input.batch_size, run.mesh,
+        run.cost_fn, (state, batch), config.input.batch_size, run.mesh,
         config.peak_flops_per_device,
     )  # fmt: skip
     if hasattr(run.task, "flops_per_example"):  # The task knows its model FLOPs better than XLA.

@@ -4,7 +4,7 @@ Prepares the embedded datasets, trains a tokenizer, pretrains the tiny CapPa (co
 runs every transfer from that tower through the one train loop: few-shot linear probes (pretrained vs a
 randomly initialised tower of the same shape), a MAP probe (both towers), SigLiT zero-shot and retrieval, a
 caption fine-tune (COCO metrics), VQA and OCR; register attention maps; then WORKDIR/report.md, report.html
-and summary.json (demo/report.py). Every number comes from this run.
+and summary.json (tasks/demo/report.py). Every number comes from this run.
 
 Each stage writes WORKDIR/<stage>/ and, when it is done, WORKDIR/<stage>/result.json: re-running reuses
 finished stages (and training runs resume from their checkpoints), so an interrupted demo continues where
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -327,7 +327,7 @@ def main(argv: list[str]) -> int:
     os.makedirs(ctx.workdir, exist_ok=True)
     start = time.monotonic()
     results = run_stages(ctx, args.only)
-    from demo import report
+    from tasks.demo import report
 
     paths = report.write(ctx.workdir, results, minutes=(time.monotonic() - start) / 60)
     _say(f"\nReport: {', '.join(paths)}")
