@@ -30,6 +30,7 @@ Parameter paths (stable; regex rules for freezing/sharding/loading rely on them)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -54,26 +55,10 @@ _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
     "G": (1664, 48, 8192, 16),
 }
 
-# The ViT keys of a task's `model` config (validated key by key); tasks override single values.
-CONFIG_DEFAULTS = dict(
-    variant=None,  # e.g. "B/16": sets width/depth/mlp_dim/num_heads/patch_size.
-    width=192,
-    depth=4,
-    mlp_dim=None,
-    num_heads=3,
-    patch_size=8,
-    norm="layernorm",
-    normformer=False,
-    mlp_type="gelu",
-    use_bias=True,
-    num_registers=0,
-    pool_type="gap",
-    posemb="learn",
-    cls_posemb=True,  # tok + learn: the class token gets one too (big_vision: False)
-    dropout=0.0,
-    scan=False,
-    remat_policy="none",
-)
+# The ViT keys of a task's `model` config (validated key by key; tasks override single values): `variant`
+# (e.g. "B/16" sets width/depth/mlp_dim/num_heads/patch_size) and the `ViT` fields with their defaults (added
+# below the class), except the tower's size: a small default one.
+CONFIG_DEFAULTS: dict[str, Any] = dict(variant=None, width=192, depth=4, num_heads=3, patch_size=8)
 
 
 def config_kwargs(model_cfg: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
@@ -454,6 +439,15 @@ class ViT(nn.Module):
                 name="head",
             )(x)
         return x, aux
+
+
+# ViT fields the task sets (or derives), never config keys.
+_NOT_CONFIG = ("num_classes", "head_zeroinit", "dtype", "final_norm", "parent", "name")
+CONFIG_DEFAULTS.update(
+    (f.name, f.default)
+    for f in dataclasses.fields(ViT)
+    if f.name not in (*CONFIG_DEFAULTS, *_NOT_CONFIG) and f.default is not dataclasses.MISSING
+)
 
 
 def _stack_dicts(trees):

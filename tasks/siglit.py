@@ -39,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from pretrain import text_encoder, vit
+from pretrain import cappa, text_encoder, vit
 from tasks import llip as llip_lib
 from transfer import sigmoid_loss
 from transfer.config import ConfigError
@@ -67,22 +67,10 @@ DEFAULTS = dict(
         img_head=dict(
             kind="map", num_heads=None, mlp_dim=None
         ),  # None: the tower's heads, 4 x width
+        # The text tower's keys and defaults are the CapPa decoder's (pretrain/cappa.py), plus its pooling.
         txt=dict(
-            vocab_size=32_000,
-            width=None,  # None = the image tower's width (as CapPa's decoder)
-            depth=2,
-            mlp_dim=None,
-            num_heads=None,  # None = the image tower's
-            max_len=64,
-            norm="layernorm",
-            normformer=False,
-            mlp_type="gelu",
-            use_bias=True,
-            posemb="learn",
+            {k: v for k, v in cappa.MODEL_DEFAULTS["txt"].items() if k != "norm_final_bias"},
             pool="eos",  # "eos" | "last" | "map"
-            dropout=0.0,
-            scan=False,
-            remat_policy="none",
         ),
         llip=dict(enabled=False, num_heads=8, temperature=5.0),  # the paper's M = 8, tau = 5
     ),

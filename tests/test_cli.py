@@ -64,3 +64,10 @@ def test_only_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
     monkeypatch.setattr(train, "train", bug)
     with pytest.raises(ValueError, match="broadcast"):
         cli.main(argv)
+
+
+def test_unknown_task_is_one_line_error(capsys, tmp_path):
+    argv = ["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path), "--config.task=clasify"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Unknown task 'clasify'. Did you mean 'classify'?" in err and "Traceback" not in err

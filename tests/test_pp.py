@@ -9,6 +9,7 @@ import tensorflow as tf
 from PIL import Image
 
 from transfer import pp
+from transfer.config import ConfigError
 
 RNG = np.random.default_rng(0)
 IMAGE = RNG.integers(0, 256, (24, 32, 3), dtype=np.uint8)
@@ -66,6 +67,21 @@ def test_unknown_op_names_the_closest():
         pp.parse("decode|value_rang(-1, 1)")
     with pytest.raises(ValueError, match="Did you mean 'resize_small'"):
         pp.parse("resize_smal(8)")
+
+
+def test_op_modules_come_from_the_config():
+    """An op outside the engine needs its module in `pp_modules` (or a qualified name); errors say so."""
+    with pytest.raises(
+        ConfigError, match=r"Unknown pp op 'fold_strip'.*Modules searched: \[.*'transfer.pp'"
+    ):
+        pp.parse("decode|fold_strip(2)")
+    with pytest.raises(ConfigError, match="config.pp_modules"):
+        pp.parse("decode|fold_strip(2)")
+    with pytest.raises(ConfigError, match="'tasks.no_such_pp'.*cannot be imported"):
+        pp.parse("decode", ["tasks.no_such_pp"])
+    strip = {"image": np.zeros((4, 8, 3), np.uint8)}
+    assert _run("tasks.ocr_pp.fold(2)", strip)["image"].shape == (8, 4, 3)
+    pp.parse("fold(2)", ["tasks.ocr_pp"])
 
 
 def test_parse_never_evaluates_code():

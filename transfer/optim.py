@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from transfer import tree
+from transfer.config import ConfigError
 
 ScheduleFn = Callable[[jax.Array], jax.Array]
 
@@ -37,7 +38,7 @@ def make_schedule(sched: Mapping | None, total_steps: int) -> ScheduleFn:
     timescale = float(sched.pop("timescale", 10_000))
     cooldown = int(sched.pop("cooldown_steps", 0) or 0)
     if sched:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown schedule keys {sorted(sched)}; valid: decay_type, warmup_steps, "
             "warmup_percent, linear_end, min_lr_mult, timescale, cooldown_steps."
         )
@@ -56,7 +57,7 @@ def make_schedule(sched: Mapping | None, total_steps: int) -> ScheduleFn:
         elif decay_type in ("constant", "const"):
             decay = 1.0
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"Unknown decay_type '{decay_type}': use cosine, linear, rsqrt or constant."
             )
         if cooldown > 0:
@@ -98,7 +99,7 @@ def resolve_rules(params: Mapping, config: Any) -> ParamRules:
         else:
             unmatched.append(path)
     if unmatched:
-        raise ValueError(
+        raise ConfigError(
             f"config.schedule matches no rule for {len(unmatched)} parameter(s), e.g. "
             f"{unmatched[:3]}; every parameter must be matched (add ('.*', None) to freeze "
             "the rest, or a catch-all schedule)."
@@ -116,7 +117,7 @@ def _multiplier(path: str, rules: list[tuple[str, Any]], default: float, name: s
     that string as the reason (how `layerwise_lr_mults` refuses a scanned encoder)."""
     value = tree.first_match(path, rules, default)
     if isinstance(value, str):
-        raise ValueError(f"config.{name} rejects parameter '{path}': {value}")
+        raise ConfigError(f"config.{name} rejects parameter '{path}': {value}")
     return float(value)
 
 
@@ -145,11 +146,11 @@ def layerwise_lr_mults(
     is not detected: its stem just decays more.
     """
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
-        raise ValueError(
+        raise ConfigError(
             f"layerwise_lr_mults: depth must be a positive int (model.depth), got {depth!r}"
         )
     if not 0.0 < decay <= 1.0:
-        raise ValueError(f"layerwise_lr_mults: decay must lie in (0, 1], got {decay!r}")
+        raise ConfigError(f"layerwise_lr_mults: decay must lie in (0, 1], got {decay!r}")
     prefix = prefix.strip("/")
     pre = re.escape(prefix) + "/" if prefix else ""
     rules: list[tuple[str, float | str]] = [
@@ -179,7 +180,7 @@ def _direction(name: str, kwargs: Mapping) -> optax.GradientTransformation:
         return optax.contrib.muon(1.0, **kwargs)
     factory = getattr(optax, name, None)
     if factory is None:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown optax_name '{name}': use adamw, adam, adafactor, lion, sgd, "
             "momentum, muon or any optax optimizer taking a learning rate."
         )

@@ -12,6 +12,8 @@ import pkgutil
 from types import ModuleType
 from typing import Any
 
+from transfer.config import ConfigError
+
 TASK_PACKAGE = "tasks"
 
 
@@ -28,7 +30,7 @@ def available_tasks() -> list[str]:
 def import_task(name: str) -> ModuleType:
     """The task module for `config.task`: a name in tasks/ or an import string."""
     if not name:
-        raise ValueError(
+        raise ConfigError(
             f"config.task is empty: set it to one of {available_tasks()} "
             "or to an import string of your own task module."
         )
@@ -40,7 +42,7 @@ def import_task(name: str) -> ModuleType:
             raise  # The task exists but one of ITS imports is missing: show the real error.
         close = difflib.get_close_matches(name, available_tasks(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ValueError(f"Unknown task '{name}'.{hint} Tasks: {available_tasks()}.") from None
+        raise ConfigError(f"Unknown task '{name}'.{hint} Tasks: {available_tasks()}.") from None
 
 
 def _parents(module: str) -> list[str]:
