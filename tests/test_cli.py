@@ -66,8 +66,10 @@ def test_only_user_errors_are_one_line(capsys, monkeypatch, tmp_path):
         cli.main(argv)
 
 
-def test_unknown_task_is_one_line_error(capsys, tmp_path):
-    argv = ["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path), "--config.task=clasify"]
-    assert cli.main(argv) == 2
+def test_unknown_task_and_bad_mesh_are_one_line_errors(capsys, tmp_path):
+    argv = ["train", "--config", TINY_CONFIG, "--workdir", str(tmp_path)]
+    assert cli.main([*argv, "--config.task=clasify"]) == 2
     err = capsys.readouterr().err
     assert "Unknown task 'clasify'. Did you mean 'classify'?" in err and "Traceback" not in err
+    assert cli.main([*argv, "--config.mesh=[('data', 3), ('fsdp', 3)]"]) == 2
+    assert "config.mesh = " in capsys.readouterr().err

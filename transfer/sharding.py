@@ -17,6 +17,7 @@ from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from transfer import tree
+from transfer.config import ConfigError
 
 
 def maybe_initialize_distributed(
@@ -45,19 +46,19 @@ def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None
     names = [str(n) for n, _ in mesh_cfg]
     sizes = [int(s) for _, s in mesh_cfg]
     if len(set(names)) != len(names):
-        raise ValueError(f"config.mesh has repeated axis names: {names}.")
+        raise ConfigError(f"config.mesh has repeated axis names: {names}.")
     if sizes.count(-1) > 1:
-        raise ValueError(f"config.mesh = {list(mesh_cfg)}: at most one axis may be -1.")
+        raise ConfigError(f"config.mesh = {list(mesh_cfg)}: at most one axis may be -1.")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(
+            raise ConfigError(
                 f"config.mesh = {list(mesh_cfg)}: {len(devices)} devices are not divisible "
                 f"by the fixed axes' product {known}."
             )
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(
+        raise ConfigError(
             f"config.mesh = {list(mesh_cfg)} needs {math.prod(sizes)} devices, but "
             f"there are {len(devices)}. Use -1 for one axis to take the rest."
         )
@@ -72,7 +73,7 @@ def batch_axes(mesh: Mesh, config_axes: Sequence[str] | None = None) -> tuple[st
     axes = tuple(config_axes) if config_axes else tuple(mesh.axis_names)
     for a in axes:
         if a not in mesh.axis_names:
-            raise ValueError(
+            raise ConfigError(
                 f"config.batch_axes names '{a}', not an axis of the mesh {mesh.axis_names}."
             )
     return axes
@@ -85,12 +86,12 @@ def batch_sharding(mesh: Mesh, axes: Sequence[str]) -> NamedSharding:
 def check_batch_size(global_batch: int, mesh: Mesh, axes: Sequence[str], what: str) -> None:
     shards = math.prod(mesh.shape[a] for a in axes)
     if global_batch % shards:
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {global_batch} is not divisible by the {shards} batch shards "
             f"(mesh axes {tuple(axes)} of {dict(mesh.shape)}); use a multiple of {shards}."
         )
     if global_batch % jax.process_count():
-        raise ValueError(
+        raise ConfigError(
             f"{what} = {global_batch} is not divisible by {jax.process_count()} hosts."
         )
 
@@ -114,14 +115,14 @@ def fsdp_spec(
 def _explicit_spec(value: Any, shape: Sequence[int], mesh: Mesh, path: str) -> PartitionSpec:
     spec = PartitionSpec(*value)
     if len(spec) > len(shape):
-        raise ValueError(
+        raise ConfigError(
             f"Sharding rule {value!r} has more dims than '{path}' of shape {tuple(shape)}."
         )
     for dim, axis in zip(shape, spec, strict=False):
         axes = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
         size = math.prod(mesh.shape[a] for a in axes)
         if dim % size:
-            raise ValueError(
+            raise ConfigError(
                 f"Sharding rule {value!r} for '{path}': dim {dim} is not divisible by {size}."
             )
     return spec
@@ -136,7 +137,7 @@ def spec_for(path: str, shape: Sequence[int], mesh: Mesh, config: Any) -> Partit
         return PartitionSpec()
     if isinstance(strategy, (list, tuple)):
         return _explicit_spec(strategy, shape, mesh, path)
-    raise ValueError(
+    raise ConfigError(
         f"Unknown sharding strategy {strategy!r} for '{path}': use 'fsdp', "
         "'replicate' or a tuple partition spec such as (None, 'fsdp')."
     )
