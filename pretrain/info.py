@@ -10,13 +10,18 @@ elementwise work (norms, softmax, GELU) that XLA also counts.
 The image size comes from `--image_size`, else from the last sizing op of `input.pp`
 (`resize(N)`, `central_crop`, `random_crop`, `inception_crop`); the caption length is
 `model.txt.max_len`.
+
+With a target (`--device v5e --chips 256 [--batch N] [--mesh fsdp:-1] [--mfu 0.4]`) it also plans the run:
+memory per device against the device's, fit or not, step time and days at an assumed MFU (pretrain/plan.py).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
+import dataclasses
 import json
 import sys
 from typing import Any
@@ -233,22 +238,155 @@ def info(config: ml_collections.ConfigDict, image_size_override: int | None = No
     }
 
 
+def plan_target(
+    config: ml_collections.ConfigDict,
+    target: Any,
+    result: dict,
+    image_size_override: int | None = None,
+) -> dict:
+    """`info`'s result plus the memory and time plan of `config` on `target` (a `plan.Target`)."""
+    from pretrain import plan
+    from transfer import train
+
+    entry = flops.table_entry(target.device)
+    if entry is None:
+        names = "v4, v5e, v5p, v6e, h100, h200, a100, a100-80gb, ..."
+        raise ValueError(
+            f"unknown --device {target.device!r}: use a kind of transfer/flops.py ({names})"
+        )
+    peak, hbm = entry
+    config, task_module = train.prepare_config(copy.deepcopy(config))
+    # Residuals as traced for the target: what `kernels="auto"` picks on an accelerator, not on this host.
+    if config.model.get("kernels") == "auto":
+        with config.unlocked():
+            config.model.kernels = "xla"
+    hw, text_len = image_size(config, image_size_override), int(config.model.txt.max_len)
+    example = abstract_batch(plan._task(task_module, config), hw, text_len)
+    mesh = plan.abstract_mesh(target.mesh, target.chips)
+    target = dataclasses.replace(target, mesh=tuple(mesh.shape.items()))
+    memory = plan.memory(config, task_module, mesh, target.batch, example)
+    usable = hbm * (1 - target.headroom)
+    fpe = result["flops_per_example"]["xla"]["train_step"]
+    return {
+        "target": {**dataclasses.asdict(target), "peak_flops": peak, "memory_bytes": hbm},
+        "memory": memory,
+        "fits": memory["total"] <= usable,
+        "memory_fraction": memory["total"] / hbm,
+        "time": None if fpe is None else plan.time_estimate(fpe, target, int(config.total_steps)),
+        "total_steps": int(config.total_steps),
+        "flops_per_example": fpe,
+        "params": result["params"]["total"],
+    }
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:9.3f}"
+
+
+ROWS = (
+    ("params", "parameters"),
+    ("opt_state", "optimizer state"),
+    ("batch", "input batch"),
+    ("gradients", "gradients"),
+    ("grad_accumulator", "gradient accumulator"),
+    ("grad_sync", "all-reduced gradients"),
+    ("saved_activations", "saved activations"),
+    ("recompute", "recompute (one layer)"),
+    ("cotangents", "backward cotangents"),
+    ("weights_kept", "weights kept for bwd"),
+    ("fsdp_gather", "FSDP gather (1 layer)"),
+    ("input_copy", "input copy"),
+)
+
+
+def describe(config_path: str, planned: dict) -> str:
+    """The plan as a table a person reads."""
+    t, m = planned["target"], planned["memory"]
+    mesh = " x ".join(f"{n}={s}" for n, s in t["mesh"])
+    lines = [
+        f"{config_path} on {t['chips']} x {t['device']} ({t['memory_bytes'] / 2**30:.1f} GiB, "
+        f"{t['peak_flops'] / 1e12:.0f} TFLOP/s bf16 each); mesh {mesh}; global batch {t['batch']:,} "
+        f"({m['local_batch']} per device); {planned['params'] / 1e6:,.1f}M parameters, {m['optimizer']}",
+        "",
+        f"{'per device':26s}{'GiB':>9s}",
+    ]
+    for key, name in ROWS:
+        if m[key]:
+            lines.append(f"  {name:24s}{_gib(m[key])}")
+    verdict = "FITS" if planned["fits"] else "DOES NOT FIT"
+    lines += [
+        f"  {'arguments':24s}{_gib(m['arguments'])}   parameters + optimizer state + batch",
+        f"  {'temporaries':24s}{_gib(m['temp'])}   peak in the {m['temp_phase']} phase",
+        f"  {'total':24s}{_gib(m['total'])}   {planned['memory_fraction']:.0%} of "
+        f"{t['memory_bytes'] / 2**30:.1f} GiB: {verdict} (headroom {t['headroom']:.0%})",
+    ]
+    if planned["time"]:
+        tm = planned["time"]
+        lines += [
+            "",
+            f"time at MFU {t['mfu']:.2f} (an assumption, not a measurement; --mfu):",
+            f"  {planned['flops_per_example'] / 1e9:,.1f} GFLOP per example (model FLOPs, train step), "
+            f"{tm['step_seconds']:.3f} s per step, {tm['images_per_second']:,.0f} images/s, "
+            f"{tm['days']:.1f} days for {planned['total_steps']:,} steps",
+        ]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, overrides = config_lib.split_cli_overrides(argv)
     parser = argparse.ArgumentParser(prog="cappa info", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", required=True, help="path/to/config.py[:arg]")
-    parser.add_argument("--image_size", type=int, default=None,
-                        help="square image side; default: from input.pp's resize(N)")  # fmt: skip
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help="square image side; default: from input.pp's resize(N)",
+    )
+    target = parser.add_argument_group("plan for a target (memory per device, fit, time)")
+    target.add_argument("--device", help="device kind: v4, v5e, v5p, v6e, h100, h200, a100, ...")
+    target.add_argument("--chips", type=int, default=1, help="number of devices (chips)")
+    target.add_argument(
+        "--batch", type=int, default=None, help="global batch; default: the config's"
+    )
+    target.add_argument(
+        "--mesh", default=None, help="e.g. fsdp:-1 or data:16,fsdp:-1; default: the config's"
+    )
+    target.add_argument(
+        "--mfu", type=float, default=0.4, help="assumed MFU for the time (default 0.4)"
+    )
+    target.add_argument(
+        "--headroom", type=float, default=0.1, help="memory kept free (default 0.1)"
+    )
+    target.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = parser.parse_args(argv)
     try:
-        from transfer import train
-
-        config, _ = train.prepare_config(config_lib.load_config_file(args.config))
-        config_lib.apply_overrides(config, overrides)
-        result = info(config, args.image_size)
+        # Start-up notes (a task's remarks on the config) go to stderr: stdout is the answer alone.
+        with contextlib.redirect_stdout(sys.stderr):
+            result = _run(args, overrides)
     except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(result, indent=2))
+    if args.device and not args.json:
+        print(describe(args.config, result["plan"]))
+    else:
+        print(json.dumps(result, indent=2))
     return 0
+
+
+def _run(args: argparse.Namespace, overrides: dict) -> dict:
+    from transfer import train
+
+    config, _ = train.prepare_config(config_lib.load_config_file(args.config))
+    config_lib.apply_overrides(config, overrides)
+    result = info(config, args.image_size)
+    if args.device:
+        from pretrain import plan
+
+        mesh = plan.parse_mesh(args.mesh) if args.mesh else [tuple(a) for a in config.mesh]
+        target = plan.Target(
+            args.device, args.chips, args.batch or int(config.input.batch_size), tuple(mesh),
+            args.mfu, args.headroom,
+        )  # fmt: skip
+        result["plan"] = plan_target(config, target, result, args.image_size)
+    return result

@@ -22,34 +22,43 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-# Dense (no sparsity) bf16 peak FLOP/s of ONE JAX device, matched in order against the lowercased
-# `device_kind`. TPU v2/v3 expose each of a chip's two cores as a device: half the chip's peak. From v4 on,
-# one device is one chip (megacore). V100 and T4 have no bf16: their fp16 tensor-core peak is used.
-PEAK_TABLE: tuple[tuple[str, float], ...] = (
-    (r"tpu v2", 45e12 / 2),
-    (r"tpu v3", 123e12 / 2),
-    (r"tpu v4 ?lite|tpu v4i", 138e12),
-    (r"tpu v4", 275e12),
-    (r"tpu v5 ?lite|tpu v5e", 197e12),
-    (r"tpu v5p?", 459e12),
-    (r"tpu v6 ?lite|tpu v6e|trillium", 918e12),
-    (r".*\bb200\b.*", 2250e12),
-    (r".*\bgh200\b.*", 989e12),
-    (r".*\bh200\b.*", 989e12),
-    (r".*\bh100\b.*pcie.*", 756e12),
-    (r".*\bh100\b.*nvl.*", 835e12),
-    (r".*\bh100\b.*", 989e12),  # SXM.
-    (r".*\bh800\b.*", 989e12),
-    (r".*\ba100\b.*", 312e12),
-    (r".*\ba800\b.*", 312e12),
-    (r".*\bl40s\b.*", 362e12),
-    (r".*\bl4\b.*", 121e12),
-    (r".*\ba10g\b.*", 125e12),  # The A10 datasheet value; the cloud variant may clock lower.
-    (r".*\ba10\b.*", 125e12),
-    (r".*\ba40\b.*", 150e12),
-    (r".*\bv100\b.*pcie.*", 112e12),
-    (r".*\bv100\b.*", 125e12),  # SXM2/SXM3, fp16.
-    (r".*\bt4\b.*", 65e12),  # fp16.
+GiB = 2**30
+
+# One JAX device of each kind: dense (no sparsity) bf16 peak FLOP/s and memory (HBM) in bytes, matched in
+# order against the lowercased `device_kind`. The loop's MFU reads the peak; `cappa info --device` (the memory
+# and time planner, pretrain/plan.py) reads both. TPU v2/v3 expose each of a chip's two cores as a device: half
+# the chip's peak and memory. From v4 on, one device is one chip (megacore). V100 and T4 have no bf16: their fp16
+# tensor-core peak is used. Memory is the vendor's nominal capacity read as GiB (the runtime keeps a little of
+# it for itself, which the planner's headroom is for); where a kind comes in two sizes the smaller one is the
+# default and the larger is matched by name (A100 40 vs 80 GB).
+PEAK_TABLE: tuple[tuple[str, float, int], ...] = (
+    (r"tpu v2", 45e12 / 2, 8 * GiB),
+    (r"tpu v3", 123e12 / 2, 16 * GiB),
+    (r"tpu v4 ?lite|tpu v4i", 138e12, 8 * GiB),
+    (r"tpu v4", 275e12, 32 * GiB),
+    (r"tpu v5 ?lite|tpu v5e", 197e12, 16 * GiB),
+    (r"tpu v5p?", 459e12, 95 * GiB),
+    (r"tpu v6 ?lite|tpu v6e|trillium", 918e12, 32 * GiB),
+    (r".*\bb200\b.*", 2250e12, 180 * GiB),
+    (r".*\bgh200\b.*", 989e12, 96 * GiB),
+    (r".*\bh200\b.*", 989e12, 141 * GiB),
+    (r".*\bh100\b.*pcie.*", 756e12, 80 * GiB),
+    (r".*\bh100\b.*nvl.*", 835e12, 94 * GiB),
+    (r".*\bh100\b.*", 989e12, 80 * GiB),  # SXM.
+    (r".*\bh800\b.*", 989e12, 80 * GiB),
+    (r".*\ba100\b.*80 ?gb.*", 312e12, 80 * GiB),
+    (r".*\ba100\b.*", 312e12, 40 * GiB),
+    (r".*\ba800\b.*", 312e12, 80 * GiB),
+    (r".*\bl40s\b.*", 362e12, 48 * GiB),
+    (r".*\bl4\b.*", 121e12, 24 * GiB),
+    # A10G: the A10 datasheet value; the cloud variant may clock lower.
+    (r".*\ba10g\b.*", 125e12, 24 * GiB),
+    (r".*\ba10\b.*", 125e12, 24 * GiB),
+    (r".*\ba40\b.*", 150e12, 48 * GiB),
+    (r".*\bv100\b.*pcie.*", 112e12, 16 * GiB),
+    (r".*\bv100\b.*32 ?gb.*", 125e12, 32 * GiB),
+    (r".*\bv100\b.*", 125e12, 16 * GiB),  # SXM2/SXM3, fp16.
+    (r".*\bt4\b.*", 65e12, 16 * GiB),  # fp16.
 )
 
 
@@ -70,13 +79,22 @@ def step_flops(compiled_or_lowered: Any) -> float | None:
     return float(flops) if flops is not None and flops > 0 else None
 
 
+def table_entry(device_kind: str) -> tuple[float, int] | None:
+    """(dense bf16 peak FLOP/s, memory bytes) of one device of a `device_kind`, or None for kinds the
+    table does not know. Short names work too: "v5e" is "tpu v5e", "h100" an H100 SXM."""
+    kind = device_kind.strip().lower()
+    if re.fullmatch(r"v\d(\D.*)?", kind):  # "v5e", "v4", not "v100"
+        kind = "tpu " + kind
+    for pattern, peak, memory in PEAK_TABLE:
+        if re.fullmatch(pattern, kind):
+            return peak, memory
+    return None
+
+
 def table_peak(device_kind: str) -> float | None:
     """The table's dense bf16 peak for a `device_kind`, or None for kinds it does not know."""
-    kind = device_kind.strip().lower()
-    for pattern, peak in PEAK_TABLE:
-        if re.fullmatch(pattern, kind):
-            return peak
-    return None
+    entry = table_entry(device_kind)
+    return None if entry is None else entry[0]
 
 
 @functools.cache
