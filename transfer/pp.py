@@ -63,7 +63,7 @@ def import_modules(modules: Sequence[str] = ()) -> None:
         try:
             importlib.import_module(name)
         except ModuleNotFoundError as e:
-            if e.name is None or not name.startswith(e.name):
+            if e.name is None or not (name == e.name or name.startswith(e.name + ".")):
                 raise
             raise ConfigError(
                 f"pp module {name!r} (config.pp_modules) cannot be imported: {e}"
