@@ -83,12 +83,17 @@ def measure(method: str, init: str | None, mode: dict, data_dir: str | None) -> 
     best = min(decode_s)
     words = sum(len(p.split()) for p in preds.values()) / max(n, 1)
     return dict(
-        images=n, decode_seconds=round(best, 3), decode_images_per_s=round(n / best, 1),
+        images=n,
+        decode_seconds=round(best, 3),
+        decode_images_per_s=round(n / best, 1),
         scorer_first_call_seconds=round(startup_s, 3),
-        score_seconds=round(score_s, 3), score_images_per_s=round(n / score_s, 1),
-        total_images_per_s=round(n / (best + score_s), 1), mean_words=round(words, 2),
-        scores={k: round(v, 4) for k, v in result["scores"].items()}, skipped=result["skipped"],
-    )  # fmt: skip
+        score_seconds=round(score_s, 3),
+        score_images_per_s=round(n / score_s, 1),
+        total_images_per_s=round(n / (best + score_s), 1),
+        mean_words=round(words, 2),
+        scores={k: round(v, 4) for k, v in result["scores"].items()},
+        skipped=result["skipped"],
+    )
 
 
 def main() -> None:

@@ -91,7 +91,9 @@ def get_config(arg=None):
         # Zero-shot classification by caption scoring: the 42 classes "red circle", ... as captions.
         zeroshot=dict(
             # At the end only (log_steps=None): 84 scored captions per image take ~30 s a time.
-            type="zeroshot", data=dict(split="validation"), log_steps=None,
+            type="zeroshot",
+            data=dict(split="validation"),
+            log_steps=None,
             pp="decode|value_range(-1, 1)|keep('image', 'label')",
             class_names_from="tfds:label",
             templates=["a large {}", "a big {}"],  # how scenes captions name the main object
@@ -99,12 +101,16 @@ def get_config(arg=None):
         ),
         # SugarCrepe-style pairs: a true caption vs the same caption with one colour word swapped.
         colour_swap=dict(
-            type="pairwise", data=dict(split="validation"), log_steps=300,
-            pp=("decode|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')"
+            type="pairwise",
+            data=dict(split="validation"),
+            log_steps=300,
+            pp=(
+                "decode|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')"
                 f"|swap_word(words={list(render.COLOR_NAMES)}, key='text', outkey='negative_text')"
                 f"|tokenize(max_len=32, model='{tokenizer}', key='text', outkey='positive')"
                 f"|tokenize(max_len=32, model='{tokenizer}', key='negative_text', outkey='negative')"
-                "|keep('image', 'positive', 'negative')"),
+                "|keep('image', 'positive', 'negative')"
+            ),
         ),
-    )  # fmt: skip
+    )
     return c

@@ -37,9 +37,15 @@ DECODERS = ("cappa", "scratch")
 
 def get_config(arg=None):
     args = parse_arg(
-        arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", tokenizer=None,
+        arg,
+        data="scenes",
+        arch=None,
+        init=None,
+        tower="frozen",
+        decoder="cappa",
+        tokenizer=None,
         method="greedy",
-    )  # fmt: skip
+    )
     coco = args["data"] in ("coco", "coco_files")
     if args["data"] not in ("scenes", "coco", "coco_files"):
         raise ValueError(f"data={args['data']!r}: use scenes, coco or coco_files")
@@ -59,13 +65,19 @@ def get_config(arg=None):
     c.model_load = dict(dont_load=["txt/.*"] if args["decoder"] == "scratch" else [])
 
     name, train_split, val_split, test_split = (
-        ("coco_captions", "train+restval", "val", "test") if coco
+        ("coco_captions", "train+restval", "val", "test")
+        if coco
         else ("scenes", "train", "validation", "test")
-    )  # fmt: skip
-    files = dict(
-        annotations="coco/annotations/captions_train2014.json,coco/annotations/captions_val2014.json",
-        images="coco", karpathy="coco/dataset_coco.json",
-    ) if args["data"] == "coco_files" else {}  # fmt: skip
+    )
+    files = (
+        dict(
+            annotations="coco/annotations/captions_train2014.json,coco/annotations/captions_val2014.json",
+            images="coco",
+            karpathy="coco/dataset_coco.json",
+        )
+        if args["data"] == "coco_files"
+        else {}
+    )
     name = "coco_files" if files else name
     image_pp = f"decode|resize({res})|value_range(-1, 1)"
     c.input = dict(
@@ -96,14 +108,16 @@ def get_config(arg=None):
     c.evals = dict(
         val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
         caption=dict(caption, data=dict(split=val_split), log_steps=log),
-    )  # fmt: skip
+    )
     # The collapse check: the tower's few-shot probe (when the tower trains: a frozen one stays
     # bit-identical) and the caption-scoring zero-shot, before and after.
     if args["tower"] != "frozen":
         c.evals.fewshot = dict(
-            type="tasks.fewshot:Evaluator", datasets=("imagenet2012",) if coco else ("scenes",),
-            shots=(10, 25), log_steps=None,
-        )  # fmt: skip
+            type="tasks.fewshot:Evaluator",
+            datasets=("imagenet2012",) if coco else ("scenes",),
+            shots=(10, 25),
+            log_steps=None,
+        )
     if coco:
         c.evals.caption_test = dict(caption, data=dict(split=test_split), log_steps=None)
     else:  # scenes class names as captions (as configs/cappa_tiny.py's zero-shot evaluator)

@@ -62,9 +62,13 @@ def get_config(arg=None):
     data = dict(name=args["dataset"], split="train[:90%]")
     if cached:
         data.update(
-            source="pretrain.features:CachedSource", checkpoint=args["checkpoint"], layer=layer,
-            pooling=pooling, pp=image_pp, cache_dir="workdirs/feature_cache",
-        )  # fmt: skip
+            source="pretrain.features:CachedSource",
+            checkpoint=args["checkpoint"],
+            layer=layer,
+            pooling=pooling,
+            pp=image_pp,
+            cache_dir="workdirs/feature_cache",
+        )
         pp = "keep('features', 'label')"
     else:
         c.model_init = args["checkpoint"]

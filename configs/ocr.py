@@ -34,9 +34,16 @@ DATASETS = {
 
 def get_config(arg=None):
     args = parse_arg(
-        arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", tokenizer=None,
-        strip=None, case=None,
-    )  # fmt: skip
+        arg,
+        data="scenes",
+        arch=None,
+        init=None,
+        tower="frozen",
+        decoder="cappa",
+        tokenizer=None,
+        strip=None,
+        case=None,
+    )
     if args["data"] not in DATASETS:
         raise ValueError(f"data={args['data']!r}: use one of {sorted(DATASETS)}")
     if args["decoder"] not in ("cappa", "scratch"):
@@ -88,17 +95,23 @@ def get_config(arg=None):
     c.eval_at_start = True
     log = 500 if scenes else 2_000
     ocr = dict(
-        type="ocr", pp=image_pp, text_key=ds["text"], id_key=ds["id"], ignore_case=case == "lower",
+        type="ocr",
+        pp=image_pp,
+        text_key=ds["text"],
+        id_key=ds["id"],
+        ignore_case=case == "lower",
         majority_baseline=True,
-    )  # fmt: skip
+    )
     c.evals = dict(
         val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
         ocr=dict(ocr, data=dict(split=val_split), log_steps=log),
         fewshot=dict(
-            type="tasks.fewshot:Evaluator", datasets=("scenes",) if scenes else ("imagenet2012",),
-            shots=(10, 25), log_steps=None,
+            type="tasks.fewshot:Evaluator",
+            datasets=("scenes",) if scenes else ("imagenet2012",),
+            shots=(10, 25),
+            log_steps=None,
         ),
-    )  # fmt: skip
+    )
     if test_split != val_split:
         c.evals.ocr_test = dict(ocr, data=dict(split=test_split), log_steps=None)
     if scenes:  # caption-scoring zero-shot of the decoder on scenes (configs/cappa_tiny.py's)

@@ -60,9 +60,15 @@ DATASETS = {
 
 def get_config(arg=None):
     args = parse_arg(
-        arg, data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", answer="sample",
+        arg,
+        data="scenes",
+        arch=None,
+        init=None,
+        tower="frozen",
+        decoder="cappa",
+        answer="sample",
         tokenizer=None,
-    )  # fmt: skip
+    )
     if args["data"] not in DATASETS:
         raise ValueError(f"data={args['data']!r}: use one of {sorted(DATASETS)}")
     if args["decoder"] not in ("cappa", "scratch"):
@@ -88,9 +94,11 @@ def get_config(arg=None):
 
     train_split, val_split, test_split = ds["splits"]
     image_pp = f"decode|resize({res})|value_range(-1, 1)"
-    pick = "choice(key='answers', outkey='answer')" if args["answer"] == "sample" else (
-        "majority_answer(key='answers', outkey='answer')"
-    )  # fmt: skip
+    pick = (
+        "choice(key='answers', outkey='answer')"
+        if args["answer"] == "sample"
+        else ("majority_answer(key='answers', outkey='answer')")
+    )
     spell = "|spell_numbers(key='answer')" if c.spell_numbers else ""
     c.pp_modules = ["tasks.vqa_pp"]  # vqa_answers, majority_answer, spell_numbers
     c.input = dict(
@@ -118,18 +126,25 @@ def get_config(arg=None):
     c.eval_at_start = True  # the "before" row of the collapse check
     log = 500 if scenes else 5_000
     vqa = dict(
-        type="vqa", pp=image_pp, question_key=ds["question"], answers_key=ds["answers"],
-        answer_type_key=ds["answer_type"], question_type_key=ds["question_type"], id_key=ds["id"],
+        type="vqa",
+        pp=image_pp,
+        question_key=ds["question"],
+        answers_key=ds["answers"],
+        answer_type_key=ds["answer_type"],
+        question_type_key=ds["question_type"],
+        id_key=ds["id"],
         majority_baseline=True,
-    )  # fmt: skip
+    )
     c.evals = dict(
         val=dict(type="perplexity", data=dict(split=val_split), log_steps=log),
         vqa=dict(vqa, data=dict(split=val_split), log_steps=log),
         fewshot=dict(
-            type="tasks.fewshot:Evaluator", datasets=("scenes",) if scenes else ("imagenet2012",),
-            shots=(10, 25), log_steps=None,
+            type="tasks.fewshot:Evaluator",
+            datasets=("scenes",) if scenes else ("imagenet2012",),
+            shots=(10, 25),
+            log_steps=None,
         ),
-    )  # fmt: skip
+    )
     if test_split != val_split:
         c.evals.vqa_test = dict(vqa, data=dict(split=test_split), log_steps=None)
     if (

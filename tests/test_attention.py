@@ -13,9 +13,15 @@ VOCAB, MAX_LEN, REG = 20, 6, 2
 def make_model(scan: bool):
     cfg = {k: (dict(v) if isinstance(v, dict) else v) for k, v in cappa.MODEL_DEFAULTS.items()}
     cfg["img"].update(
-        width=16, depth=2, num_heads=2, patch_size=4, num_registers=REG, norm="rmsnorm",
-        use_bias=False, scan=scan,
-    )  # fmt: skip
+        width=16,
+        depth=2,
+        num_heads=2,
+        patch_size=4,
+        num_registers=REG,
+        norm="rmsnorm",
+        use_bias=False,
+        scan=scan,
+    )
     cfg["txt"].update(vocab_size=VOCAB, depth=2, max_len=MAX_LEN, scan=scan)
     return cappa.Model(**cappa.model_kwargs(cfg))
 
@@ -86,8 +92,12 @@ def test_caption_commands_refuse_a_run_that_is_not_a_captioner(tiny_config):
     from tasks import classify
 
     run = runs.LoadedRun(
-        workdir="some/run", step=1, config=tiny_config, task=classify.Task(tiny_config),
-        params={}, tokenizer=None,
-    )  # fmt: skip
+        workdir="some/run",
+        step=1,
+        config=tiny_config,
+        task=classify.Task(tiny_config),
+        params={},
+        tokenizer=None,
+    )
     with pytest.raises(ValueError, match="'some/run' is a 'classify' run, not a CapPa captioner"):
         runs.require_captioner(run)

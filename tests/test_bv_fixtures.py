@@ -74,11 +74,13 @@ def test_classifier_reproduces_big_vision(name, scan):
     config = train.prepare_config(
         ml_collections.ConfigDict(
             dict(
-                task="classify", num_classes=m["num_classes"], model=model,
+                task="classify",
+                num_classes=m["num_classes"],
+                model=model,
                 model_load=dict(dst_subtree="img"),  # the documented way to load a big_vision tower
             )
         )
-    )[0]  # fmt: skip
+    )[0]
     task = classify.Task(config)
     params, counts = _init_and_load(config, task, {"image": io["image"]}, path)
     assert counts["model_init/num_loaded"] == len(jax.tree.leaves(params))
@@ -217,10 +219,8 @@ def test_siglit_task_takes_the_siglip_image_tower():
     base = dict(
         task="tasks.siglit",
         model=dict(img=img, txt=dict(vocab_size=100, max_len=12, depth=1)),
-        model_load=dict(
-            src_subtree="img", dst_subtree="img", dont_load=[], skip=[]
-        ),
-    )  # fmt: skip
+        model_load=dict(src_subtree="img", dst_subtree="img", dont_load=[], skip=[]),
+    )
     config = train.prepare_config(ml_collections.ConfigDict(base))[0]
     task = siglit.Task(config)
     batch = {"image": io["image"], "labels": io["text"]}

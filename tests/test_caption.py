@@ -52,11 +52,16 @@ def caption_config(data_dir, tokenizer, **overrides):
     c.eval_at_start = True
     c.evals = dict(
         caption=dict(
-            type="caption", data=dict(split="validation"), pp=IMAGE_PP, batch_size=16,
-            metrics=METRICS, constant_baseline=True, num_samples=4,
+            type="caption",
+            data=dict(split="validation"),
+            pp=IMAGE_PP,
+            batch_size=16,
+            metrics=METRICS,
+            constant_baseline=True,
+            num_samples=4,
         ),
         val=dict(type="perplexity", data=dict(split="validation"), batch_size=16),
-    )  # fmt: skip
+    )
     c.update(overrides)
     config, _ = train.prepare_config(config_lib.merge_with_defaults(c, caption.DEFAULTS))
     return config
@@ -137,10 +142,14 @@ def frozen_run(scratch_run, data_dir, scenes_tokenizer, tmp_path_factory):
     """The LiT-decoder protocol: the scratch run's tower loaded and frozen, a new decoder."""
     init_dir = scratch_run[0]
     config = caption_config(
-        data_dir, scenes_tokenizer, total_steps=4, ckpt_steps=4, model_init=init_dir,
+        data_dir,
+        scenes_tokenizer,
+        total_steps=4,
+        ckpt_steps=4,
+        model_init=init_dir,
         model_load=dict(dont_load=["txt/.*"]),
         schedule=[("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))],
-    )  # fmt: skip
+    )
     config.evals = dict(val=dict(type="perplexity", data=dict(split="validation"), batch_size=16))
     workdir = str(tmp_path_factory.mktemp("caption_frozen"))
     return train.train(config, workdir), workdir
@@ -149,11 +158,17 @@ def frozen_run(scratch_run, data_dir, scenes_tokenizer, tmp_path_factory):
 def test_frozen_tower_is_bit_identical_and_decoder_is_new(scratch_run, frozen_run):
     before = scratch_run[1].params
     after, workdir = frozen_run
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        before["img"], after.params["img"])  # fmt: skip
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
+        before["img"],
+        after.params["img"],
+    )
     assert all(jax.tree.leaves(same))
-    txt_changed = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
-                               before["txt"], after.params["txt"])  # fmt: skip
+    txt_changed = jax.tree.map(
+        lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+        before["txt"],
+        after.params["txt"],
+    )
     assert all(jax.tree.leaves(txt_changed))  # not loaded (dont_load) and trained
     rows = _rows(workdir)
     # Collapse table: step-0 row of the loaded weights vs the last row.

@@ -76,9 +76,12 @@ def test_hugepages_setting_cuts_the_page_faults_of_a_large_block():
     for malloc in ("default", "hugepages"):
         env = child_env(1, malloc, base={"PATH": os.environ.get("PATH", "")})
         out = subprocess.run(
-            [sys.executable, "-c", _FAULTS_OF_A_64MIB_MALLOC], env=env, capture_output=True,
-            text=True, check=True,
-        )  # fmt: skip
+            [sys.executable, "-c", _FAULTS_OF_A_64MIB_MALLOC],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         faults[malloc] = int(out.stdout.strip())
     if _thp_mode() == "madvise":
         assert faults["default"] >= 16_000, faults  # 64 MiB / 4 KiB pages

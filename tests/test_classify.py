@@ -16,8 +16,10 @@ from transfer.config import apply_overrides
 @pytest.fixture()
 def batch():
     rng = np.random.default_rng(0)
-    return {"image": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
-            "label": np.array([0, 5, 41, 7], np.int32)}  # fmt: skip
+    return {
+        "image": rng.uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32),
+        "label": np.array([0, 5, 41, 7], np.int32),
+    }
 
 
 def test_eval_metrics_match_numpy(tiny_config, batch):

@@ -156,14 +156,26 @@ def test_full_beam_finds_the_exhaustive_best(tiny, alpha, pad_bias):
     lengths = np.where((seqs == EOS).any(1), (seqs == EOS).argmax(1) + 1, MAX_LEN)
     beam = (VOCAB - 1) ** (MAX_LEN - 1)  # Every alive prefix fits: beam search is exact.
     out = decode.generate(
-        model, params, images, method="beam", beam_size=beam, num_return_sequences=3,
-        length_penalty=alpha, max_len=MAX_LEN, eos_id=EOS, pad_id=PAD,
-    )  # fmt: skip
+        model,
+        params,
+        images,
+        method="beam",
+        beam_size=beam,
+        num_return_sequences=3,
+        length_penalty=alpha,
+        max_len=MAX_LEN,
+        eos_id=EOS,
+        pad_id=PAD,
+    )
     for i, image in enumerate(images):
         logp = decode.reference_logprobs(
-            model, params, np.repeat(image[None], len(seqs), 0), seqs, EOS,
+            model,
+            params,
+            np.repeat(image[None], len(seqs), 0),
+            seqs,
+            EOS,
             pad_id=None if unrestricted else PAD,
-        )  # fmt: skip
+        )
         scores = logp / ((5.0 + lengths) / 6.0) ** alpha
         best = np.argsort(-scores)[:3]
         np.testing.assert_array_equal(out["tokens"][i], seqs[best])
@@ -177,9 +189,16 @@ def test_top_k_1_sampling_equals_greedy(tiny):
     kw = dict(max_len=MAX_LEN, eos_id=EOS)
     greedy = decode.generate(model, params, images, **kw)
     sampled = decode.generate(
-        model, params, images, method="sample", top_k=1, temperature=0.7, num_return_sequences=2,
-        rng=jax.random.key(5), **kw,
-    )  # fmt: skip
+        model,
+        params,
+        images,
+        method="sample",
+        top_k=1,
+        temperature=0.7,
+        num_return_sequences=2,
+        rng=jax.random.key(5),
+        **kw,
+    )
     for r in range(2):
         np.testing.assert_array_equal(sampled["tokens"][:, r], greedy["tokens"][:, 0])
         np.testing.assert_allclose(sampled["logprobs"][:, r], greedy["logprobs"][:, 0], rtol=1e-5)

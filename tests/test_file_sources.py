@@ -64,48 +64,89 @@ def _write_coco(root):
                 with open(f"{root}/coco/{folder}/COCO_{folder}_{i:012d}.jpg", "wb") as f:
                     f.write(_jpeg(i))
         images = [
-            dict(license=3, file_name=f"COCO_{folder}_{i:012d}.jpg", height=16, width=16, id=i,
-                 coco_url=f"http://images.example.org/{folder}/COCO_{folder}_{i:012d}.jpg",
-                 date_captured="2013-11-14 11:18:45", flickr_url=f"http://farm.example.com/{i}.jpg")
+            dict(
+                license=3,
+                file_name=f"COCO_{folder}_{i:012d}.jpg",
+                height=16,
+                width=16,
+                id=i,
+                coco_url=f"http://images.example.org/{folder}/COCO_{folder}_{i:012d}.jpg",
+                date_captured="2013-11-14 11:18:45",
+                flickr_url=f"http://farm.example.com/{i}.jpg",
+            )
             for i in ids
-        ]  # fmt: skip
+        ]
         # Annotations interleave images, as in the official files.
         anns = [
             dict(image_id=i, id=cid, caption=text)
-            for k in range(6) for i in ids for cid, text in _captions(i)[k : k + 1]
-        ]  # fmt: skip
-        _dump(f"{root}/coco/annotations/captions_{folder}.json", dict(
-            info=dict(description="COCO 2014 Dataset", version="1.0", year=2014),
-            licenses=[dict(url="http://creativecommons.org/licenses/by/2.0/", id=3, name="Attribution")],
-            images=images, annotations=anns,
-        ))  # fmt: skip
+            for k in range(6)
+            for i in ids
+            for cid, text in _captions(i)[k : k + 1]
+        ]
+        _dump(
+            f"{root}/coco/annotations/captions_{folder}.json",
+            dict(
+                info=dict(description="COCO 2014 Dataset", version="1.0", year=2014),
+                licenses=[
+                    dict(
+                        url="http://creativecommons.org/licenses/by/2.0/", id=3, name="Attribution"
+                    )
+                ],
+                images=images,
+                annotations=anns,
+            ),
+        )
     karpathy = []
     for imgid, (i, split) in enumerate(KARPATHY):
         folder = "train2014" if i in TRAIN2014 else "val2014"
-        sentences = [dict(tokens=t.lower().strip(".").split(), raw=t, imgid=imgid, sentid=c)
-                     for c, t in _captions(i)]  # fmt: skip
-        karpathy.append(dict(filepath=folder, sentids=[s["sentid"] for s in sentences],
-                             filename=f"COCO_{folder}_{i:012d}.jpg", imgid=imgid, split=split,
-                             sentences=sentences, cocoid=i))  # fmt: skip
+        sentences = [
+            dict(tokens=t.lower().strip(".").split(), raw=t, imgid=imgid, sentid=c)
+            for c, t in _captions(i)
+        ]
+        karpathy.append(
+            dict(
+                filepath=folder,
+                sentids=[s["sentid"] for s in sentences],
+                filename=f"COCO_{folder}_{i:012d}.jpg",
+                imgid=imgid,
+                split=split,
+                sentences=sentences,
+                cocoid=i,
+            )
+        )
     _dump(f"{root}/coco/dataset_coco.json", dict(images=karpathy, dataset="coco"))
 
 
 def _write_vqav2(root):
     for split, ids in (("train2014", [9, 25]), ("val2014", [42, 73])):
-        questions = [dict(image_id=i, question=f"what is {WORDS[k]} {i}?", question_id=i * 1000 + k)
-                     for i in ids for k in range(2)]  # fmt: skip
+        questions = [
+            dict(image_id=i, question=f"what is {WORDS[k]} {i}?", question_id=i * 1000 + k)
+            for i in ids
+            for k in range(2)
+        ]
         anns = [
-            dict(question_type="what is", multiple_choice_answer=_answers(q["question_id"])[0],
-                 answers=[dict(answer=a, answer_confidence=("yes", "maybe", "no")[k % 3], answer_id=k + 1)
-                          for k, a in enumerate(_answers(q["question_id"]))],
-                 image_id=q["image_id"], answer_type="other", question_id=q["question_id"])
+            dict(
+                question_type="what is",
+                multiple_choice_answer=_answers(q["question_id"])[0],
+                answers=[
+                    dict(answer=a, answer_confidence=("yes", "maybe", "no")[k % 3], answer_id=k + 1)
+                    for k, a in enumerate(_answers(q["question_id"]))
+                ],
+                image_id=q["image_id"],
+                answer_type="other",
+                question_id=q["question_id"],
+            )
             for q in reversed(questions)  # Matched by question_id, not by position.
-        ]  # fmt: skip
+        ]
         head = dict(info=dict(description="VQA v2"), license=dict(name="CC"), data_subtype=split)
-        _dump(f"{root}/vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
-              dict(head, task_type="Open-Ended", data_type="mscoco", questions=questions))  # fmt: skip
-        _dump(f"{root}/vqav2/v2_mscoco_{split}_annotations.json",
-              dict(head, data_type="mscoco", annotations=anns))  # fmt: skip
+        _dump(
+            f"{root}/vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
+            dict(head, task_type="Open-Ended", data_type="mscoco", questions=questions),
+        )
+        _dump(
+            f"{root}/vqav2/v2_mscoco_{split}_annotations.json",
+            dict(head, data_type="mscoco", annotations=anns),
+        )
 
 
 def _write_textvqa(root):
@@ -116,16 +157,25 @@ def _write_textvqa(root):
             os.makedirs(f"{root}/textvqa/{folder}", exist_ok=True)
             with open(f"{root}/textvqa/{folder}/{image_id}.jpg", "wb") as f:
                 f.write(_jpeg(int(image_id[:6], 16)))
-            row = dict(question=f"what does sign {qid} say?", image_id=image_id,
-                       image_classes=["Street sign", "Car"], flickr_original_url="https://farm.example.com/a.jpg",
-                       flickr_300k_url="https://farm.example.com/b.jpg", image_width=16, image_height=16,
-                       question_tokens=["what", "does", "sign", str(qid), "say"], question_id=qid,
-                       set_name=split)  # fmt: skip
+            row = dict(
+                question=f"what does sign {qid} say?",
+                image_id=image_id,
+                image_classes=["Street sign", "Car"],
+                flickr_original_url="https://farm.example.com/a.jpg",
+                flickr_300k_url="https://farm.example.com/b.jpg",
+                image_width=16,
+                image_height=16,
+                question_tokens=["what", "does", "sign", str(qid), "say"],
+                question_id=qid,
+                set_name=split,
+            )
             if split != "test":  # The test file has no answers.
                 row["answers"] = _answers(qid)
             data.append(row)
-        _dump(f"{root}/textvqa/TextVQA_0.5.1_{split}.json",
-              dict(dataset_type=split, dataset_name="textvqa", dataset_version="0.5.1", data=data))  # fmt: skip
+        _dump(
+            f"{root}/textvqa/TextVQA_0.5.1_{split}.json",
+            dict(dataset_type=split, dataset_name="textvqa", dataset_version="0.5.1", data=data),
+        )
 
 
 @pytest.fixture(scope="module")
@@ -138,25 +188,41 @@ def root(tmp_path_factory):
 
 
 def coco(root, split="train", **kw):
-    return dict(
-        name="coco_files", split=split, images=f"{root}/coco", karpathy=f"{root}/coco/dataset_coco.json",
-        annotations=f"{root}/coco/annotations/captions_*2014.json",
-    ) | kw  # fmt: skip
+    return (
+        dict(
+            name="coco_files",
+            split=split,
+            images=f"{root}/coco",
+            karpathy=f"{root}/coco/dataset_coco.json",
+            annotations=f"{root}/coco/annotations/captions_*2014.json",
+        )
+        | kw
+    )
 
 
 def vqav2(root, split="train2014", **kw):
-    return dict(
-        name="vqav2_files", split=split, images=f"{root}/coco/{{split}}",
-        questions=f"{root}/vqav2/v2_OpenEnded_mscoco_{{split}}_questions.json",
-        annotations=f"{root}/vqav2/v2_mscoco_{{split}}_annotations.json",
-    ) | kw  # fmt: skip
+    return (
+        dict(
+            name="vqav2_files",
+            split=split,
+            images=f"{root}/coco/{{split}}",
+            questions=f"{root}/vqav2/v2_OpenEnded_mscoco_{{split}}_questions.json",
+            annotations=f"{root}/vqav2/v2_mscoco_{{split}}_annotations.json",
+        )
+        | kw
+    )
 
 
 def textvqa(root, split="train", **kw):
-    return dict(
-        name="textvqa_files", split=split, images=f"{root}/textvqa/train_images",
-        annotations=f"{root}/textvqa/TextVQA_0.5.1_{{split}}.json",
-    ) | kw  # fmt: skip
+    return (
+        dict(
+            name="textvqa_files",
+            split=split,
+            images=f"{root}/textvqa/train_images",
+            annotations=f"{root}/textvqa/TextVQA_0.5.1_{{split}}.json",
+        )
+        | kw
+    )
 
 
 def _raw(data, index=0, count=1):
@@ -236,9 +302,13 @@ def test_hosts_get_contiguous_slices_that_cover_everything(root, count):
 
 
 def _train(data, shuffle_buffer_size=4, **kw):
-    cfg = dict(data=data, pp="decode|random_crop(8)|flip_lr|flatten|choice('captions/text')"
-               "|keep('image', 'image/id', 'captions/text')", batch_size=2,
-               shuffle_buffer_size=shuffle_buffer_size)  # fmt: skip
+    cfg = dict(
+        data=data,
+        pp="decode|random_crop(8)|flip_lr|flatten|choice('captions/text')"
+        "|keep('image', 'image/id', 'captions/text')",
+        batch_size=2,
+        shuffle_buffer_size=shuffle_buffer_size,
+    )
     return ip.TrainIterator(cfg, process_index=0, process_count=1, **kw)
 
 

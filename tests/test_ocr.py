@@ -63,10 +63,16 @@ def ocr_config(data_dir, tok, **overrides):
     c.log_flops = False
     c.eval_at_start = True
     c.evals = dict(
-        ocr=dict(type="ocr", data=dict(split="validation"), pp=IMAGE_PP, batch_size=16,
-                 ignore_case=True, num_samples=4),
+        ocr=dict(
+            type="ocr",
+            data=dict(split="validation"),
+            pp=IMAGE_PP,
+            batch_size=16,
+            ignore_case=True,
+            num_samples=4,
+        ),
         val=dict(type="perplexity", data=dict(split="validation"), batch_size=16),
-    )  # fmt: skip
+    )
     c.update(overrides)
     config, _ = train.prepare_config(config_lib.merge_with_defaults(c, ocr.DEFAULTS))
     return config
@@ -101,16 +107,21 @@ def test_predictions_rescore_to_the_logged_metrics(ocr_run):
     refs = {int(ex["image/id"]): ex["text"].decode() for ex in tfds.as_numpy(ds)}
     assert set(preds) == set(refs)
     ids = sorted(preds)
-    scores = ocr_metrics.score([preds[i] for i in ids], [refs[i] for i in ids], ignore_case=True,
-                               normalize_whitespace=True)  # fmt: skip
+    scores = ocr_metrics.score(
+        [preds[i] for i in ids], [refs[i] for i in ids], ignore_case=True, normalize_whitespace=True
+    )
     for key in ("exact_match", "cer", "anls"):
         assert scores[key] == pytest.approx(result.metrics[f"ocr/{key}"], abs=1e-12)
     train_texts = [
         ex["text"].decode() for ex in tfds.as_numpy(ds)
     ]  # training split = validation here
     counts = {t: train_texts.count(t) for t in train_texts}
-    base = ocr_metrics.score([max(counts, key=counts.get)] * 16, [refs[i] for i in ids],
-                             ignore_case=True, normalize_whitespace=True)  # fmt: skip
+    base = ocr_metrics.score(
+        [max(counts, key=counts.get)] * 16,
+        [refs[i] for i in ids],
+        ignore_case=True,
+        normalize_whitespace=True,
+    )
     assert base["cer"] == pytest.approx(result.metrics["ocr/baseline/cer"])
     page = open(os.path.join(workdir, "ocr", "ocr_samples.html"), encoding="utf-8").read()
     assert page.count("<img ") == 4
@@ -132,14 +143,19 @@ def test_fold_keeps_every_pixel_in_reading_order():
 
 def test_frozen_tower_is_bit_identical(ocr_run, data_dir, ocr_tokenizer, tmp_path):
     config = ocr_config(
-        data_dir, ocr_tokenizer, total_steps=2, ckpt_steps=2, model_init=ocr_run[0],
+        data_dir,
+        ocr_tokenizer,
+        total_steps=2,
+        ckpt_steps=2,
+        model_init=ocr_run[0],
         schedule=[("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))],
-    )  # fmt: skip
+    )
     config.evals = {}
     after = train.train(config, str(tmp_path)).params
     before = ocr_run[1].params
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        before["img"], after["img"])  # fmt: skip
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), before["img"], after["img"]
+    )
     assert all(jax.tree.leaves(same))
     assert not np.array_equal(before["txt"]["head"]["bias"], after["txt"]["head"]["bias"])
 

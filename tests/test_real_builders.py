@@ -166,11 +166,20 @@ def test_fewshot_big_vision_probes_every_dataset(run_choice, tmp_path, capsys):
     shrunk = _shrink_fewshot(BIG_VISION)
     splits = [f"--config.datasets.{n}.{k}={v}" for n, s in shrunk.items() for k, v in s.items()]
     argv = [
-        "probe", "--checkpoint", tower, "--config", os.path.join(ROOT, "configs", "fewshot.py:big_vision"),
-        "--out", str(tmp_path), "--config.shots=(1,)", "--config.seeds=(0,)",
-        "--config.short_classes=use_all", "--config.l2_grid=(1.0,)", f"--config.batch_size={K}",
+        "probe",
+        "--checkpoint",
+        tower,
+        "--config",
+        os.path.join(ROOT, "configs", "fewshot.py:big_vision"),
+        "--out",
+        str(tmp_path),
+        "--config.shots=(1,)",
+        "--config.seeds=(0,)",
+        "--config.short_classes=use_all",
+        "--config.l2_grid=(1.0,)",
+        f"--config.batch_size={K}",
         *splits,
-    ]  # fmt: skip
+    ]
     with real_tfds.real_builders():
         code = cli.main(argv)
     assert code == 0, capsys.readouterr().err

@@ -43,7 +43,9 @@ def _config(tokenizer, data_dir=None, **overrides) -> ml_collections.ConfigDict:
         total_steps=3,
         tokenizer=tokenizer.path,
         input=dict(
-            data=dict(name="scenes/tiny", split="train", data_dir=data_dir), batch_size=16, pp=pp,
+            data=dict(name="scenes/tiny", split="train", data_dir=data_dir),
+            batch_size=16,
+            pp=pp,
             shuffle_buffer_size=64,
         ),
         model=dict(img=IMG, txt=dict(TXT, vocab_size=tokenizer.vocab_size)),
@@ -51,7 +53,7 @@ def _config(tokenizer, data_dir=None, **overrides) -> ml_collections.ConfigDict:
         log_training_steps=1,
         ckpt_steps=3,
         log_flops=False,
-    )  # fmt: skip
+    )
     for key, value in overrides.items():
         base[key] = dict(base[key], **value) if isinstance(value, dict) and key in base else value
     return train.prepare_config(ml_collections.ConfigDict(base))[0]
@@ -192,9 +194,9 @@ def test_registers_head_is_the_projected_register_mean(scenes_tokenizer):
     task = siglit.Task(_config(scenes_tokenizer, model=dict(img_head=dict(kind="registers"))))
     images, tokens = _batch(scenes_tokenizer, 3)
     params = jax.jit(task.init_params)(jax.random.key(0), {"image": images, "labels": tokens})
-    encoded = jax.jit(lambda p, x: task.model.apply(
-        {"params": p}, x, method=lambda m, x: m.img(x)[1]["encoded"]
-    ))(params, images)  # fmt: skip
+    encoded = jax.jit(
+        lambda p, x: task.model.apply({"params": p}, x, method=lambda m, x: m.img(x)[1]["encoded"])
+    )(params, images)
     z = np.asarray(encoded)[:, -2:].mean(axis=1) @ np.asarray(params["img_head"]["proj"]["kernel"])
     want = z / np.linalg.norm(z, axis=1, keepdims=True)
     np.testing.assert_allclose(
@@ -304,9 +306,14 @@ def loop_run(request, cappa_tower, scenes_tokenizer, data_dir, tmp_path_factory)
     result = train.run_loop(run)
     rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     return dict(
-        is_llip=is_llip, task=run.task, initial=initial, batch=batch, final=jax.device_get(result.params),
-        rows=rows, state_paths=state_paths,
-    )  # fmt: skip
+        is_llip=is_llip,
+        task=run.task,
+        initial=initial,
+        batch=batch,
+        final=jax.device_get(result.params),
+        rows=rows,
+        state_paths=state_paths,
+    )
 
 
 def test_t_and_b_start_at_configured_values(loop_run):

@@ -143,10 +143,12 @@ def test_prefix_attention_is_bidirectional_where_it_matters():
     encoded, _ = model.apply({"params": params}, images, method=cappa.Model.encode)
     rows, plen = prefix_lm.pack(jnp.asarray(question), jnp.zeros((6, 0), jnp.int32), PAD)
     last = lambda logits: np.take_along_axis(np.asarray(logits), (plen - 1)[:, None, None], 1)
-    full = model.apply({"params": params}, rows, encoded, prefix_lm.prefix_mask(plen, 5),
-                       method=cappa.Model.decode)  # fmt: skip
-    causal = model.apply({"params": params}, rows, encoded, cappa.causal_mask(5),
-                         method=cappa.Model.decode)  # fmt: skip
+    full = model.apply(
+        {"params": params}, rows, encoded, prefix_lm.prefix_mask(plen, 5), method=cappa.Model.decode
+    )
+    causal = model.apply(
+        {"params": params}, rows, encoded, cappa.causal_mask(5), method=cappa.Model.decode
+    )
     long = np.asarray(plen) > 2
     assert not np.allclose(last(full)[long], last(causal)[long], atol=1e-4)
 
@@ -216,10 +218,11 @@ def vqa_config(data_dir, tok, **overrides):
     c.log_flops = False
     c.eval_at_start = True
     c.evals = dict(
-        vqa=dict(type="vqa", data=dict(split="validation"), pp=IMAGE_PP, batch_size=16,
-                 num_samples=4),
+        vqa=dict(
+            type="vqa", data=dict(split="validation"), pp=IMAGE_PP, batch_size=16, num_samples=4
+        ),
         val=dict(type="perplexity", data=dict(split="validation"), batch_size=16),
-    )  # fmt: skip
+    )
     c.update(overrides)
     config, _ = train.prepare_config(config_lib.merge_with_defaults(c, vqa.DEFAULTS))
     return config
@@ -280,20 +283,28 @@ def test_majority_baseline_is_the_most_frequent_training_answer(vqa_run):
 def frozen_run(vqa_run, data_dir, vqa_tokenizer, tmp_path_factory):
     """The trained run loaded, its tower frozen, 3 steps."""
     config = vqa_config(
-        data_dir, vqa_tokenizer, total_steps=3, ckpt_steps=3, model_init=vqa_run[0],
+        data_dir,
+        vqa_tokenizer,
+        total_steps=3,
+        ckpt_steps=3,
+        model_init=vqa_run[0],
         schedule=[("img/.*", None), (".*", dict(decay_type="cosine", warmup_steps=1))],
-    )  # fmt: skip
+    )
     config.evals = dict(val=dict(type="perplexity", data=dict(split="validation"), batch_size=16))
     return train.train(config, str(tmp_path_factory.mktemp("vqa_frozen")))
 
 
 def test_frozen_tower_is_bit_identical(vqa_run, frozen_run):
     before, after = vqa_run[1].params, frozen_run.params
-    same = jax.tree.map(lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)),
-                        before["img"], after["img"])  # fmt: skip
+    same = jax.tree.map(
+        lambda a, b: np.array_equal(np.asarray(a), np.asarray(b)), before["img"], after["img"]
+    )
     assert all(jax.tree.leaves(same))
-    moved = jax.tree.map(lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
-                         before["txt"]["head"], after["txt"]["head"])  # fmt: skip
+    moved = jax.tree.map(
+        lambda a, b: not np.array_equal(np.asarray(a), np.asarray(b)),
+        before["txt"]["head"],
+        after["txt"]["head"],
+    )
     assert all(jax.tree.leaves(moved))
 
 
@@ -311,8 +322,14 @@ def test_cli_answers_as_the_decoder(vqa_run, tmp_path, capsys):
     lines = capsys.readouterr().out.strip().split("\n")
     run = runs.load_run(workdir)
     image = np.repeat(runs.load_images([path], 32), 2, axis=0)
-    out = prefix_lm.generate(run.task.model, run.params, image, run.tokenizer.encode(questions, QLEN),
-                             max_len=ALEN, eos_id=run.tokenizer.eos_id)  # fmt: skip
+    out = prefix_lm.generate(
+        run.task.model,
+        run.params,
+        image,
+        run.tokenizer.encode(questions, QLEN),
+        max_len=ALEN,
+        eos_id=run.tokenizer.eos_id,
+    )
     expected = [
         f"{q}\t{a.strip()}"
         for q, a in zip(questions, run.tokenizer.decode(out["tokens"]), strict=True)
