@@ -21,8 +21,8 @@ Evaluators (``evals.<name>.type``, merged into the CapPa task's evaluators by pr
   strictly higher (a tie counts as wrong). The ``swap_word`` pp op below makes attribute-swap
   negatives from a dataset's own captions (e.g. the colour word of a ``scenes`` caption).
 
-Both read data with the engine's ``input_pipeline.eval_batches`` (every host runs the same number
-of batches, padding masked by ``_mask``) and run one jitted function on the mesh: the batch split
+Both read data with the engine's ``evaluators.SplitPass`` (every host runs the same number of
+batches, padding masked by ``_mask``) and run one jitted function on the mesh: the batch split
 by ``batch_sharding``, parameters by ``param_shardings``, class captions replicated.
 """
 
@@ -39,7 +39,7 @@ import numpy as np
 import tensorflow as tf
 
 from pretrain import cappa
-from transfer import evaluators, input_pipeline, pp, pp_text, registry, sharding
+from transfer import contracts, evaluators, input_pipeline, pp, pp_text, registry, sharding
 
 # ----------------------------------------------------------------------------- core functions
 
@@ -196,7 +196,7 @@ _settings = evaluators.settings
 
 
 class _ScoringEvaluator:
-    """Shared plumbing: data config, batch-size checks, the masked-sum loop over eval_batches."""
+    """Shared plumbing: settings, the CapPa model, one `SplitPass` over the split, the masked-sum loop."""
 
     KIND = ""
     DEFAULTS: Mapping[str, Any] = _COMMON
@@ -205,18 +205,10 @@ class _ScoringEvaluator:
         """Batch keys the jitted function reads (besides `_mask`); others stay on the host."""
         raise NotImplementedError
 
-    def __init__(
-        self,
-        eval_cfg: Mapping,
-        *,
-        task: Any,
-        config: Any,
-        mesh: jax.sharding.Mesh,
-        batch_sharding: jax.sharding.NamedSharding,
-        param_shardings: Any,
-    ):
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
         self.cfg = _settings(eval_cfg, self.DEFAULTS, self.KIND)
         self.input_keys = self._input_keys()
+        task, config = ctx.task, ctx.config
         if not isinstance(getattr(task, "model", None), cappa.Model):
             raise ValueError(
                 f"The {self.KIND!r} evaluator needs the CapPa task (pretrain.cappa_task)."
@@ -228,15 +220,10 @@ class _ScoringEvaluator:
             )
         self.model, self.pad_id = task.model, int(task.pad_id)
         self.txt_cfg = config.model.txt
-        data = dict(config.input.data)
-        data.update(self.cfg["data"] or {})
-        self.input_cfg = {"data": data, "pp": self.cfg["pp"]}
-        self.batch_size = int(self.cfg["batch_size"] or config.input.batch_size)
-        axes = batch_sharding.spec[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        sharding.check_batch_size(self.batch_size, mesh, axes, f"{self.KIND} batch_size")
-        input_pipeline.get_builder(data)  # Fail at start-up, not at the first evaluation.
-        self.mesh, self.batch_sharding, self.param_shardings = mesh, batch_sharding, param_shardings
+        self.pass_ = evaluators.SplitPass(self.cfg, ctx, self.input_keys, self.KIND)
+        self.input_cfg = self.pass_.input_cfg
+        self.mesh, self.batch_sharding = ctx.mesh, ctx.batch_sharding
+        self.param_shardings = ctx.param_shardings
 
     def _check_len(self, length: int, what: str) -> None:
         if length > int(self.txt_cfg.max_len) and self.txt_cfg.posemb == "learn":
@@ -245,23 +232,17 @@ class _ScoringEvaluator:
                 "(learnt positions): tokenize with max_len <= model.txt.max_len."
             )
 
-    def _inputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        missing = [k for k in (*self.input_keys, "_mask") if k not in batch]
-        if missing:  # ValueError, not KeyError: KeyError's message would show escaped quotes.
-            raise ValueError(
-                f"{self.KIND} evaluator: the pp {self.cfg['pp']!r} does not produce {missing}; "
-                f"it gives {sorted(batch)}."
-            )
-        return {k: batch[k] for k in (*self.input_keys, "_mask")}
+    def _check(self, batch: Mapping[str, np.ndarray]) -> None:
+        """Host-side checks of a local batch before it goes to the devices."""
 
     def _sums(self, params: Any, batch: dict) -> dict[str, jax.Array]:
         raise NotImplementedError
 
     def run(self, params: Any) -> dict[str, float]:
         totals: dict[str, float] = {}
-        for batch in input_pipeline.eval_batches(self.input_cfg, batch_size=self.batch_size):
-            local = self._inputs(batch)
-            out = self._sums(params, sharding.put_batch(local, self.batch_sharding))
+        for batch in self.pass_.batches():
+            self._check(batch)
+            out = self._sums(params, sharding.put_batch(batch, self.batch_sharding))
             for k, v in out.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         count = totals.pop("_count", 0.0)
@@ -303,9 +284,9 @@ class ZeroShotEvaluator(_ScoringEvaluator):
     KIND = "zeroshot"
     DEFAULTS = ZEROSHOT_DEFAULTS
 
-    def __init__(self, eval_cfg: Mapping, **kwargs: Any):
-        super().__init__(eval_cfg, **kwargs)
-        cfg, config = self.cfg, kwargs["config"]
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
+        cfg, config = self.cfg, ctx.config
         if cfg["class_batch_size"] is not None and int(cfg["class_batch_size"]) < 1:
             raise ValueError(
                 f"class_batch_size must be >= 1 or None, got {cfg['class_batch_size']}"
@@ -352,9 +333,8 @@ class ZeroShotEvaluator(_ScoringEvaluator):
         hits = top == label[:, None]
         return _masked_sums({"prec@1": hits[:, 0], "prec@5": jnp.any(hits, axis=1)}, batch["_mask"])
 
-    def _inputs(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        local = super()._inputs(batch)
-        labels = local[self.cfg["label_key"]]
+    def _check(self, batch: Mapping[str, np.ndarray]) -> None:
+        labels = batch[self.cfg["label_key"]]
         if (
             labels.ndim != 1
             or labels.min(initial=0) < 0
@@ -365,7 +345,6 @@ class ZeroShotEvaluator(_ScoringEvaluator):
                 f"[0, {len(self.class_names)}) (one per example); got shape {labels.shape}, "
                 f"range [{labels.min(initial=0)}, {labels.max(initial=0)}]: check class_names."
             )
-        return local
 
     def _sums(self, params: Any, batch: dict) -> dict[str, jax.Array]:
         return self._jitted(params, batch, self.prompts)
@@ -377,8 +356,8 @@ class PairwiseEvaluator(_ScoringEvaluator):
     KIND = "pairwise"
     DEFAULTS = PAIRWISE_DEFAULTS
 
-    def __init__(self, eval_cfg: Mapping, **kwargs: Any):
-        super().__init__(eval_cfg, **kwargs)
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
         shardings = (self.param_shardings, self.batch_sharding)
         self._jitted = jax.jit(self._batch_sums, in_shardings=shardings)
 

@@ -8,8 +8,7 @@ caption fine-tune (tasks/caption.py) and CapPa pretraining itself. `pp` preproce
 references are read once, at start-up, from `caption_key` of every example (so a wrong key fails before
 training), keyed by `id_key` (one id per image, as COCO's `image/id`).
 
-Decoding runs on the loop's mesh (images split over the batch axes, params as they are sharded); tokens and
-ids are gathered from every host, so the scores cover the whole split on pods too. Metrics are
+Decoding, the baseline's bookkeeping and the files are tasks/generation_eval.py's. Metrics are
 tasks/caption_metrics.py's (PTB tokenisation, BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE when its jars are
 present): with `constant_baseline=True` the same metrics of the most frequent training caption predicted
 for every image are reported as `baseline/<metric>` (computed once; the references do not change).
@@ -21,20 +20,14 @@ with the generated and reference captions).
 
 from __future__ import annotations
 
-import base64
 import collections
-import html
-import io
-import os
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
-from jax.experimental import multihost_utils
 
-from tasks import caption_metrics, retrieval_eval  # retrieval_eval: SplitPass, `first_texts` pp op
-from transfer import evaluators, input_pipeline, pp_text, sharding
+from tasks import caption_metrics, generation_eval
+from transfer import contracts, input_pipeline
 
 DEFAULTS = dict(
     type="caption",
@@ -65,7 +58,10 @@ def require_captioner(task: Any, where: str) -> None:
 
 def read_references(data: Mapping[str, Any], caption_key: str, id_key: str, max_refs: int) -> dict:
     """{image id: [reference captions]} of a whole split, read on this host without decoding images."""
-    pp = f"flatten|first_texts(key={caption_key!r}, n={int(max_refs)}, outkey='refs')|keep({id_key!r}, 'refs')"
+    texts = (
+        f"transfer.evaluators.first_texts(key={caption_key!r}, n={int(max_refs)}, outkey='refs')"
+    )
+    pp = f"flatten|{texts}|keep({id_key!r}, 'refs')"
     refs: dict[int, list[str]] = {}
     batches = input_pipeline.eval_batches(
         {"data": dict(data), "pp": pp}, batch_size=256, process_index=0, process_count=1
@@ -95,7 +91,7 @@ def read_references(data: Mapping[str, Any], caption_key: str, id_key: str, max_
 
 def most_frequent_caption(data: Mapping[str, Any], caption_key: str) -> str:
     """The constant-caption baseline: the training split's most frequent caption (ties: the first seen)."""
-    pp = f"flatten|first_texts(key={caption_key!r}, n=8, outkey='refs')|keep('refs')"
+    pp = f"flatten|transfer.evaluators.first_texts(key={caption_key!r}, n=8, outkey='refs')|keep('refs')"
     counts: collections.Counter = collections.Counter()
     batches = input_pipeline.eval_batches(
         {"data": dict(data), "pp": pp}, batch_size=256, process_index=0, process_count=1
@@ -109,87 +105,31 @@ def most_frequent_caption(data: Mapping[str, Any], caption_key: str) -> str:
     return counts.most_common(1)[0][0]
 
 
-def _gather(x: Any) -> np.ndarray:
-    """A global array or a host-local numpy array -> the full array on every host (rows host-major)."""
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
-class CaptionEvaluator:
+class CaptionEvaluator(generation_eval.GenerationEvaluator):
     """COCO metrics of captions decoded from one pass over the eval split (see the module docstring)."""
 
-    def __init__(self, eval_cfg: Mapping, *, task: Any, config: Any, **kwargs: Any):
-        self.cfg = cfg = evaluators.settings(eval_cfg, DEFAULTS, "caption")
+    KIND, FOLDER, DEFAULTS = "caption", "captions", DEFAULTS
+    METHODS = ("greedy", "beam", "sample")
+
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
+        self.constant = None
+        if self.cfg["constant_baseline"]:
+            self.constant = most_frequent_caption(ctx.config.input.data, self.cfg["caption_key"])
+
+    def check_task(self, task: Any, config: Any) -> None:
         require_captioner(task, f"task {config.task!r}")
-        if not cfg["pp"]:
-            raise ValueError(
-                "caption evaluator: set `pp` (image preprocessing that produces 'image'), e.g. "
-                '"decode|resize(224)|value_range(-1, 1)".'
-            )
-        if cfg["method"] not in ("greedy", "beam", "sample"):
-            raise ValueError(
-                f"caption evaluator: method={cfg['method']!r}; use greedy, beam or sample."
-            )
-        unknown = [m for m in cfg["metrics"] if m not in caption_metrics.METRICS]
+        unknown = [m for m in self.cfg["metrics"] if m not in caption_metrics.METRICS]
         if unknown:
             raise ValueError(
                 f"caption evaluator: unknown metrics {unknown}; use {caption_metrics.METRICS}."
             )
-        path = cfg["tokenizer"] or config.get("tokenizer")
-        if not path:
-            raise ValueError("caption evaluator: set config.tokenizer (or evals.<name>.tokenizer).")
-        self.tokenizer = pp_text.get_tokenizer(path, pad_id=getattr(task, "pad_id", None))
-        self.model = task.model
-        self.max_len = int(cfg["max_len"] or self.model.txt_kw["max_len"])
-        id_key = cfg["id_key"]
-        eval_cfg = dict(data=cfg["data"], pp=f"{cfg['pp']}|keep('image', {id_key!r})")
-        eval_cfg["batch_size"] = cfg["batch_size"]
-        self.pass_ = retrieval_eval.SplitPass(
-            eval_cfg, ("image", id_key), "caption", task=task, config=config, **kwargs
-        )
-        data = self.pass_.input_cfg["data"]
-        self.refs = read_references(data, cfg["caption_key"], id_key, cfg["max_refs"])
-        self.constant = None
-        if cfg["constant_baseline"]:
-            self.constant = most_frequent_caption(config.input.data, cfg["caption_key"])
-        self._baseline: dict[str, float] | None = None
-        self._last: dict[str, Any] = {}
 
-    def _decode(self, params: Any, images: np.ndarray) -> np.ndarray:
-        from pretrain import decode
+    def references(self, data: Mapping[str, Any], config: Any) -> dict:
+        cfg = self.cfg
+        return read_references(data, cfg["caption_key"], cfg["id_key"], cfg["max_refs"])
 
-        images = sharding.put_batch({"image": images}, self.pass_.batch_sharding)["image"]
-        vocab = int(self.model.txt_kw["vocab_size"])
-        out = decode.generate(
-            self.model, params, images, max_len=self.max_len, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, method=self.cfg["method"], beam_size=int(self.cfg["beam_size"]),
-            length_penalty=float(self.cfg["length_penalty"]), rng=jax.random.key(int(self.cfg["seed"])),
-            vocab_limit=self.tokenizer.vocab_size if self.tokenizer.vocab_size < vocab else None,
-            keep_on_device=True,
-        )  # fmt: skip
-        return _gather(out["tokens"][:, 0])
-
-    def predict(self, params: Any) -> tuple[dict[int, str], list[tuple[np.ndarray, int]]]:
-        """{image id: generated caption} over the split, and (image, id) of the first samples."""
-        id_key, preds, samples = self.cfg["id_key"], {}, []
-        for batch in self.pass_.batches():
-            tokens = self._decode(params, batch["image"])
-            ids, mask = _gather(batch[id_key]), _gather(batch["_mask"])
-            texts = self.tokenizer.decode(tokens)
-            preds.update({int(i): t for i, t, real in zip(ids, texts, mask, strict=True) if real})
-            for image, image_id, real in zip(
-                batch["image"], batch[id_key], batch["_mask"], strict=True
-            ):
-                if real and len(samples) < int(self.cfg["num_samples"]):
-                    samples.append((np.asarray(image), int(image_id)))
-        return preds, samples
-
-    def run(self, params: Any) -> dict[str, float]:
-        preds, samples = self.predict(params)
-        missing = set(preds) - set(self.refs)
-        if missing:
-            raise ValueError(
-                f"caption evaluator: ids {sorted(missing)[:5]} were decoded but have no references."
-            )
+    def score(self, preds: Mapping[int, str]) -> tuple[dict[str, float], dict[str, Any]]:
         refs = {i: self.refs[i] for i in preds}
         result = caption_metrics.score(refs, preds, metrics=list(self.cfg["metrics"]))
         out = dict(result["scores"])
@@ -199,72 +139,28 @@ class CaptionEvaluator:
             mean_words=float(np.mean(lengths)) if lengths else 0.0,
             distinct_captions=len(set(preds.values())) / max(len(preds), 1),
         )
-        if self.constant is not None:
-            if self._baseline is None:
-                constant = {i: self.constant for i in preds}
-                scores = caption_metrics.score(refs, constant, metrics=list(self.cfg["metrics"]))
-                self._baseline = scores["scores"]
-            out.update({f"baseline/{k}": v for k, v in self._baseline.items()})
-        self._last = dict(preds=preds, samples=samples, refs=refs, skipped=result["skipped"])
-        return out
+        return out, dict(refs=refs, skipped=result["skipped"])
 
-    def write(self, workdir: str, step: int, name: str) -> None:
-        """`captions/<name>_step<N>.json` (COCO results) and `captions/<name>_samples.html`."""
-        if not self._last:
-            return
-        folder = os.path.join(workdir, "captions")
-        os.makedirs(folder, exist_ok=True)
-        caption_metrics.write_coco_results(
-            self._last["preds"], os.path.join(folder, f"{name}_step{step}.json")
+    def baseline(self, preds: Mapping[int, str]) -> dict[str, float]:
+        if self.constant is None:
+            return {}
+        refs = {i: self.refs[i] for i in preds}
+        constant = {i: self.constant for i in preds}
+        scores = caption_metrics.score(refs, constant, metrics=list(self.cfg["metrics"]))
+        return {f"baseline/{k}": v for k, v in scores["scores"].items()}
+
+    def write_results(self, preds: Mapping[int, str], path: str) -> None:
+        caption_metrics.write_coco_results(preds, path)
+
+    def page(self, last: Mapping[str, Any]) -> tuple[Mapping, Mapping, list[str]]:
+        return (
+            last["preds"],
+            last["refs"],
+            [f"{k} skipped: {v}" for k, v in last["skipped"].items()],
         )
-        page = samples_html(
-            self._last["samples"], self._last["preds"], self._last["refs"],
-            title=f"{name}: step {step}, {self.cfg['method']} decoding",
-            notes=[f"{k} skipped: {v}" for k, v in self._last["skipped"].items()],
-        )  # fmt: skip
-        with open(os.path.join(folder, f"{name}_samples.html"), "w", encoding="utf-8") as f:
-            f.write(page)
 
-
-def png_data_uri(image: np.ndarray) -> str:
-    """An image in [-1, 1] (or uint8) as an inline PNG, so a page is one self-contained file."""
-    from PIL import Image
-
-    pixels = np.asarray(image)
-    if pixels.dtype != np.uint8:
-        pixels = np.clip((pixels + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-def samples_html(
-    samples: list[tuple[np.ndarray, int]],
-    preds: Mapping[int, str],
-    refs: Mapping[int, list[str]],
-    *,
-    title: str,
-    notes: list[str] = (),
-) -> str:
-    """A page of images, each with its generated caption (bold) and its references."""
-    cells = []
-    for image, image_id in samples:
-        references = "".join(f"<li>{html.escape(r)}</li>" for r in refs.get(image_id, []))
-        cells.append(
-            f'<div class="s"><img src="{png_data_uri(image)}" width="160"><br>'
-            f"<b>{html.escape(preds.get(image_id, ''))}</b><br><small>id {image_id}</small>"
-            f"<ul>{references}</ul></div>"
-        )
-    note = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-    style = (
-        "body{font-family:sans-serif} .s{display:inline-block;width:260px;vertical-align:top;"
-        "margin:6px} img{image-rendering:pixelated}"
-    )
-    return (
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-        f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{note}{''.join(cells)}"
-        "</body></html>"
-    )
+    def describe(self) -> str:
+        return f"{self.cfg['method']} decoding"
 
 
 EVALUATORS = {"caption": CaptionEvaluator}

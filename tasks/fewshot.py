@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasks import fewshot_datasets as table
+from transfer import contracts
 
 BIAS_FEATURE = 100.0
 STD_EPS = 1e-5
@@ -327,20 +328,11 @@ class Evaluator:
     (the tower changes between runs, so nothing is cached) and runs the protocol on the host.
     """
 
-    def __init__(
-        self,
-        eval_cfg: Mapping,
-        *,
-        task: Any,
-        config: Any,
-        mesh: jax.sharding.Mesh,
-        batch_sharding: jax.sharding.NamedSharding,
-        param_shardings: Any,
-    ):
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
         from pretrain import features
         from transfer import evaluators, input_pipeline, sharding
 
-        del task
+        config, param_shardings = ctx.config, ctx.param_shardings
         self.cfg = evaluators.settings(eval_cfg, EVAL_DEFAULTS, "few-shot")
         cfg = self.cfg
         _check_protocol(cfg["shots"], cfg["seeds"], cfg["l2_grid"])
@@ -353,16 +345,16 @@ class Evaluator:
         for spec in self.specs.values():  # Fail at start-up, not at the first evaluation.
             input_pipeline.get_builder(split_data(spec, "train"))
         self.batch_size = int(cfg["batch_size"] or config.input.batch_size)
-        axes = batch_sharding.spec[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        sharding.check_batch_size(self.batch_size, mesh, axes, "few-shot batch_size")
+        sharding.check_batch_size(
+            self.batch_size, ctx.mesh, ctx.batch_axes(), "few-shot batch_size"
+        )
         if cfg["pooling"] == "none":
             raise ValueError(
                 "pooling='none' gives all tokens; a few-shot probe needs one vector per image."
             )
         fn = features.features_fn(features.vit_kwargs(config), cfg["layer"], cfg["pooling"])
-        jitted = jax.jit(fn, in_shardings=(param_shardings["img"], batch_sharding))
-        self._fn, self._jitted = fn, (jitted, batch_sharding)
+        jitted = jax.jit(fn, in_shardings=(param_shardings["img"], ctx.batch_sharding))
+        self._fn, self._jitted = fn, (jitted, ctx.batch_sharding)
         self._config = config
 
     def _resolution(self, img_params: Any) -> int:

@@ -4,7 +4,7 @@ Reading the text in an image is captioning with one reference: the model and los
 branch (pretrain/cappa_task.py with ``masked_pred_prob=0``), the target is the image's text. The tower is
 frozen, fine-tuned or lr-scaled and the decoder loaded or new, as in tasks/caption.py.
 
-The ``ocr`` evaluator decodes an eval split on the loop's mesh (tasks/caption_eval.py's decoding) and
+The ``ocr`` evaluator decodes an eval split on the loop's mesh (tasks/generation_eval.py) and
 reports exact match, CER (corpus and mean) and ANLS (tasks/ocr_metrics.py), next to ``baseline/...``: the
 most frequent training text predicted for every image. ``reachable`` is the fraction of references the
 tokenizer can write at all (decode(encode(text)) == text, case-folded with ``ignore_case``): the ceiling
@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 from collections.abc import Mapping
 from typing import Any
 
 from pretrain import cappa_task
-from tasks import caption_eval, ocr_metrics, report_utils, retrieval_eval, vqa_eval
-from transfer import evaluators, input_pipeline, pp_text
+from tasks import caption_eval, generation_eval, ocr_metrics, report_utils
+from transfer import contracts, input_pipeline
 
 DEFAULTS = dict(cappa_task.DEFAULTS, masked_pred_prob=0.0)
 _REPORTED = ("exact_match", "cer", "cer_mean", "anls")
@@ -80,7 +79,8 @@ def read_texts(data: Mapping[str, Any], text_key: str, id_key: str, max_refs: in
         for image_id, texts, real in zip(batch[id_key], batch["refs"], batch["_mask"], strict=True):
             if real:
                 texts = [t.decode("utf-8") for t in texts if t.strip()]
-                refs[vqa_eval.id_value(image_id)] = list(dict.fromkeys(texts))  # unique, in order
+                image_id = generation_eval.id_value(image_id)
+                refs[image_id] = list(dict.fromkeys(texts))  # unique, in order
     if not refs or not all(refs.values()):
         raise ValueError(
             f"ocr evaluator: an image without text under {text_key!r} in {dict(data)}."
@@ -88,44 +88,28 @@ def read_texts(data: Mapping[str, Any], text_key: str, id_key: str, max_refs: in
     return refs
 
 
-class OcrEvaluator(caption_eval.CaptionEvaluator):
-    """Exact match / CER / ANLS of decoded texts (caption_eval's decoding; see the module docstring)."""
+class OcrEvaluator(generation_eval.GenerationEvaluator):
+    """Exact match / CER / ANLS of decoded texts (see the module docstring)."""
 
-    def __init__(self, eval_cfg: Mapping, *, task: Any, config: Any, **kwargs: Any):
-        self.cfg = cfg = evaluators.settings(eval_cfg, EVAL_DEFAULTS, "ocr")
-        caption_eval.require_captioner(task, f"task {config.task!r}")
-        if not cfg["pp"]:
-            raise ValueError("ocr evaluator: set `pp` (image preprocessing that produces 'image').")
-        if cfg["method"] not in ("greedy", "beam"):
-            raise ValueError(f"ocr evaluator: method={cfg['method']!r}; use greedy or beam.")
-        path = cfg["tokenizer"] or config.get("tokenizer")
-        if not path:
-            raise ValueError("ocr evaluator: set config.tokenizer (or evals.<name>.tokenizer).")
-        self.tokenizer = pp_text.get_tokenizer(path, pad_id=getattr(task, "pad_id", None))
-        self.model = task.model
-        self.max_len = int(cfg["max_len"] or self.model.txt_kw["max_len"])
-        id_key = cfg["id_key"]
-        split_cfg = dict(
-            data=cfg["data"],
-            pp=f"{cfg['pp']}|keep('image', {id_key!r})",
-            batch_size=cfg["batch_size"],
-        )
-        self.pass_ = retrieval_eval.SplitPass(
-            split_cfg, ("image", id_key), "ocr", task=task, config=config, **kwargs
-        )
-        data = self.pass_.input_cfg["data"]
-        self.refs = read_texts(data, cfg["text_key"], id_key, cfg["max_refs"])
+    KIND, FOLDER, DEFAULTS = "ocr", "ocr", EVAL_DEFAULTS
+    METHODS = ("greedy", "beam")
+    PP_EXAMPLE = "decode|fold(2)|value_range(-1, 1)"
+
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
+        cfg = self.cfg
         self.constant = None
         if cfg["majority_baseline"]:
-            counts = collections.Counter(
-                t
-                for texts in read_texts(config.input.data, cfg["text_key"], id_key, 1).values()
-                for t in texts
-            )
+            train = read_texts(ctx.config.input.data, cfg["text_key"], cfg["id_key"], 1)
+            counts = collections.Counter(t for texts in train.values() for t in texts)
             self.constant = counts.most_common(1)[0][0]
         self.reachable = self._reachable(list(self.refs.values()))
-        self._baseline: dict[str, float] | None = None
-        self._last: dict[str, Any] = {}
+
+    def check_task(self, task: Any, config: Any) -> None:
+        caption_eval.require_captioner(task, f"task {config.task!r}")
+
+    def references(self, data: Mapping[str, Any], config: Any) -> dict:
+        return read_texts(data, self.cfg["text_key"], self.cfg["id_key"], self.cfg["max_refs"])
 
     def _options(self) -> dict[str, Any]:
         return dict(
@@ -142,38 +126,24 @@ class OcrEvaluator(caption_eval.CaptionEvaluator):
             ok += any(d == t for d, t in zip(self.tokenizer.decode(ids), texts, strict=True))
         return ok / len(refs)
 
-    def run(self, params: Any) -> dict[str, float]:
-        preds, samples = self.predict(params)
-        ids = list(preds)
-        refs = [self.refs[i] for i in ids]
-        result = ocr_metrics.score([preds[i] for i in ids], refs, **self._options())
+    def score(self, preds: Mapping[Any, str]) -> tuple[dict[str, float], dict[str, Any]]:
+        refs = [self.refs[i] for i in preds]
+        result = ocr_metrics.score(list(preds.values()), refs, **self._options())
         out = {k: float(result[k]) for k in _REPORTED}
-        out.update(images=len(ids), reachable=self.reachable)
-        if self.constant is not None:
-            if self._baseline is None:
-                base = ocr_metrics.score([self.constant] * len(ids), refs, **self._options())
-                self._baseline = {f"baseline/{k}": float(base[k]) for k in _REPORTED}
-            out.update(self._baseline)
-        self._last = dict(preds=preds, samples=samples)
-        return out
+        out.update(images=len(preds), reachable=self.reachable)
+        return out, {}
 
-    def write(self, workdir: str, step: int, name: str) -> None:
-        """`ocr/<name>_step<N>.json` ([{"image_id", "text"}]) and `ocr/<name>_samples.html`."""
-        if not self._last:
-            return
-        folder = os.path.join(workdir, "ocr")
-        os.makedirs(folder, exist_ok=True)
-        preds = self._last["preds"]
-        with open(os.path.join(folder, f"{name}_step{step}.json"), "w", encoding="utf-8") as f:
+    def baseline(self, preds: Mapping[Any, str]) -> dict[str, float]:
+        if self.constant is None:
+            return {}
+        refs = [self.refs[i] for i in preds]
+        base = ocr_metrics.score([self.constant] * len(refs), refs, **self._options())
+        return {f"baseline/{k}": float(base[k]) for k in _REPORTED}
+
+    def write_results(self, preds: Mapping[Any, str], path: str) -> None:
+        """[{"image_id", "text"}]"""
+        with open(path, "w", encoding="utf-8") as f:
             json.dump([{"image_id": i, "text": t} for i, t in preds.items()], f)
-        page = caption_eval.samples_html(
-            self._last["samples"],
-            preds,
-            self.refs,
-            title=f"{name}: step {step}, {self.cfg['method']}",
-        )
-        with open(os.path.join(folder, f"{name}_samples.html"), "w", encoding="utf-8") as f:
-            f.write(page)
 
 
 def read_predictions(path: str) -> dict[Any, str]:

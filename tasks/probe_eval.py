@@ -8,7 +8,7 @@ the validation split gives every head's top-1; the head with the best one (ties:
 index in the sweep) is chosen from those numbers alone, then one pass over the test split reports that head's
 top-1, top-5 and balanced accuracy (mean per-class recall over the classes present in the split). The counts are
 summed inside jit with the padding masked, on the loop's mesh and params; batching and host padding are
-MeanEvaluator's.
+the engine's `SplitPass`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from transfer import evaluators, input_pipeline, metrics, sharding
+from transfer import contracts, evaluators, input_pipeline, metrics
 
 PROBE_DEFAULTS = dict(type="probe", val=None, test=None, pp=None, batch_size=None, log_steps=None)
 
@@ -86,43 +86,24 @@ def summarize(
     return out
 
 
-class _SplitPass(evaluators.MeanEvaluator):
-    """One pass over one split, summing the probe's per-head counts instead of per-example means."""
-
-    def __init__(self, eval_cfg: Mapping, *, sums: Any, **kwargs: Any):
-        super().__init__(eval_cfg, **kwargs)
-        self._sums = sums
-
-    def totals(self, params: Any) -> dict[str, np.ndarray]:
-        totals: dict[str, np.ndarray] = {}
-        for batch in self._batches():
-            out = jax.device_get(self._sums(params, sharding.put_batch(batch, self.batch_sharding)))
-            for k, v in out.items():
-                totals[k] = totals.get(k, 0.0) + np.asarray(v, np.float64)
-        data = self.input_cfg["data"]
-        if not totals or totals["count"] == 0:
-            raise ValueError(f"Evaluation data {dict(data)} produced no examples.")
-        if totals["outside"]:
-            raise ValueError(
-                f"{int(totals['outside'])} label(s) of {data['name']!r} split {data['split']!r} lie outside "
-                "[0, config.num_classes): set config.num_classes (or config.label_key) to match the data."
-            )
-        return totals
+def split_totals(split: evaluators.SplitPass, sums: Any, params: Any) -> dict[str, np.ndarray]:
+    """The probe's per-head counts summed over one split; no examples or a label outside the classes fail."""
+    totals = split.totals(sums, params)
+    data = split.input_cfg["data"]
+    if not totals or totals["count"] == 0:
+        raise ValueError(f"Evaluation data {dict(data)} produced no examples.")
+    if totals["outside"]:
+        raise ValueError(
+            f"{int(totals['outside'])} label(s) of {data['name']!r} split {data['split']!r} lie outside "
+            "[0, config.num_classes): set config.num_classes (or config.label_key) to match the data."
+        )
+    return totals
 
 
 class ProbeEvaluator:
     """Chooses the sweep's head on `val`, reports it on `test` (see the module docstring)."""
 
-    def __init__(
-        self,
-        eval_cfg: Mapping,
-        *,
-        task: Any,
-        config: Any,
-        mesh: jax.sharding.Mesh,
-        batch_sharding: jax.sharding.NamedSharding,
-        param_shardings: Any,
-    ):
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
         evaluators.settings(eval_cfg, PROBE_DEFAULTS, "probe")
         data = {}
         for split in ("val", "test"):
@@ -133,18 +114,15 @@ class ProbeEvaluator:
                     f"A 'probe' evaluator needs {split}=dict(split=...) (data keys merged over "
                     f"config.input.data); got {split}={spec!r}."
                 )
+        task, config = ctx.task, ctx.config
         self.wd_sweep = tuple(task.wd_sweep)
-        sums = jax.jit(
+        self._sums = jax.jit(
             lambda params, batch: probe_sums(task, params, batch),
-            in_shardings=(param_shardings, batch_sharding),
+            in_shardings=(ctx.param_shardings, ctx.batch_sharding),
         )
         common = dict(pp=eval_cfg.get("pp"), batch_size=eval_cfg.get("batch_size"))
-        kwargs = dict(
-            sums=sums, task=task, config=config, mesh=mesh, batch_sharding=batch_sharding,
-            param_shardings=param_shardings,
-        )  # fmt: skip
-        self.val = _SplitPass(dict(common, data=data["val"]), **kwargs)
-        self.test = _SplitPass(dict(common, data=data["test"]), **kwargs)
+        self.val = evaluators.SplitPass(dict(common, data=data["val"]), ctx, kind="probe")
+        self.test = evaluators.SplitPass(dict(common, data=data["test"]), ctx, kind="probe")
         val_data, test_data = self.val.input_cfg["data"], self.test.input_cfg["data"]
         if val_data == test_data:
             raise ValueError(
@@ -158,9 +136,9 @@ class ProbeEvaluator:
             )
 
     def run(self, params: Any) -> dict[str, float]:
-        val = self.val.totals(params)
+        val = split_totals(self.val, self._sums, params)
         best = select_head(val)  # Decided before the test split is read.
-        return summarize(val, self.test.totals(params), self.wd_sweep, best)
+        return summarize(val, split_totals(self.test, self._sums, params), self.wd_sweep, best)
 
 
 # ---------------------------------------------------------------------------------------------- report

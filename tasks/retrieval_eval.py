@@ -31,17 +31,16 @@ build, or the embedded `scenes` locally.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tensorflow as tf
 
 from pretrain import scoring
 from tasks import zeroshot
-from transfer import evaluators, pp, pp_text, sharding
+from transfer import contracts, evaluators, pp_text, sharding
 
 _COMMON = dict(
     type=None, data=None, pp=None, batch_size=None, log_steps=None, tokenizer=None, max_len=None
@@ -140,51 +139,8 @@ def retrieval_recalls(
     return out
 
 
-# ---------------------------------------------------------------------------------------------- pp op
-@pp.register("first_texts")
-def get_first_texts(key: str = "captions/text", n: int = 5, outkey: str = "texts") -> pp.Op:
-    """A variable-length string sequence -> exactly `n` strings: its first `n`, then empty strings (no
-    caption), so that batches of images with different caption counts have one shape."""
-    if n < 1:
-        raise ValueError(f"first_texts: n must be >= 1, got {n}")
-
-    def op(example: pp.Example) -> pp.Example:
-        if key not in example:
-            raise KeyError(f"first_texts: no {key!r} in the example; it has {sorted(example)}")
-        texts = tf.convert_to_tensor(example[key])
-        if texts.dtype != tf.string or texts.shape.rank != 1:
-            raise ValueError(
-                f"first_texts: {key!r} must be a sequence of strings (e.g. 'captions/text'), got "
-                f"{texts.dtype.name} of shape {texts.shape}"
-            )
-        texts = texts[:n]
-        texts = tf.concat([texts, tf.fill([n - tf.shape(texts)[0]], "")], 0)
-        return {**example, outkey: tf.ensure_shape(texts, [n])}
-
-    return op
-
-
 # ---------------------------------------------------------------------------------------------- evaluators
 _settings = evaluators.settings
-
-
-class SplitPass(evaluators.MeanEvaluator):
-    """One pass over the eval split with MeanEvaluator's batching and host padding; only `keys` (and
-    `_mask`) of a batch are kept (strings never go to the devices)."""
-
-    def __init__(self, cfg: Mapping, keys: Sequence[str], kind: str, **kwargs: Any):
-        super().__init__({k: cfg[k] for k in ("data", "pp", "batch_size")}, **kwargs)
-        self.keys, self.kind = tuple(keys), kind
-
-    def batches(self) -> Iterator[dict[str, np.ndarray]]:
-        for batch in self._batches():
-            missing = [k for k in self.keys if k not in batch]
-            if missing:
-                raise ValueError(
-                    f"{self.kind} evaluator: the pp {self.input_cfg['pp']!r} does not produce {missing}; "
-                    f"it gives {sorted(batch)}."
-                )
-            yield {k: batch[k] for k in (*self.keys, "_mask")}
 
 
 class _EmbeddingEvaluator:
@@ -193,9 +149,9 @@ class _EmbeddingEvaluator:
     KIND = ""
     DEFAULTS: Mapping[str, Any] = _COMMON
 
-    def __init__(self, eval_cfg: Mapping, *, task: Any, config: Any, mesh: jax.sharding.Mesh,
-                 batch_sharding: jax.sharding.NamedSharding, param_shardings: Any):  # fmt: skip
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
         self.cfg = cfg = _settings(eval_cfg, self.DEFAULTS, self.KIND)
+        task, config = ctx.task, ctx.config
         zeroshot.require_embedder(task, f"task {config.task!r}")
         if not cfg["pp"]:
             raise ValueError(
@@ -209,10 +165,9 @@ class _EmbeddingEvaluator:
             )
         self.tokenizer = pp_text.get_tokenizer(path, pad_id=getattr(task, "pad_id", None))
         self.max_len = int(cfg["max_len"] or zeroshot.text_max_len(task, config))
-        self.task, self.mesh, self.batch_sharding = task, mesh, batch_sharding
-        self.replicated = sharding.replicated(mesh)
-        self.kwargs = dict(task=task, config=config, mesh=mesh, batch_sharding=batch_sharding,
-                           param_shardings=param_shardings)  # fmt: skip
+        self.task, self.mesh, self.batch_sharding = task, ctx.mesh, ctx.batch_sharding
+        self.replicated = sharding.replicated(ctx.mesh)
+        self.ctx = ctx
 
     def global_array(self, x: np.ndarray, split: bool) -> jax.Array:
         """A host array every process holds in full -> a global array (rows split over the batch axes)."""
@@ -220,9 +175,9 @@ class _EmbeddingEvaluator:
         return jax.make_array_from_callback(x.shape, where, lambda index: x[index])
 
     def check_multiple(self, size: int, what: str) -> int:
-        axes = self.batch_sharding.spec[0]
-        axes = (axes,) if isinstance(axes, str) else tuple(axes)
-        sharding.check_batch_size(int(size), self.mesh, axes, f"{self.KIND} {what}")
+        sharding.check_batch_size(
+            int(size), self.mesh, self.ctx.batch_axes(), f"{self.KIND} {what}"
+        )
         return int(size)
 
 
@@ -232,11 +187,11 @@ class ZeroShotEmbedEvaluator(_EmbeddingEvaluator):
     KIND = "zeroshot_embed"
     DEFAULTS = ZEROSHOT_DEFAULTS
 
-    def __init__(self, eval_cfg: Mapping, **kwargs: Any):
-        super().__init__(eval_cfg, **kwargs)
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
         cfg, task = self.cfg, self.task
         self.label_key = cfg["label_key"]
-        self.images = SplitPass(cfg, ("image", self.label_key), self.KIND, **self.kwargs)
+        self.images = evaluators.SplitPass(cfg, ctx, ("image", self.label_key), self.KIND)
         self.class_names = zeroshot.resolve_class_names(cfg, self.images.input_cfg["data"])
         self.templates = zeroshot.resolve_templates(cfg)
         prompts = scoring.class_prompts(self.class_names, self.templates)
@@ -244,7 +199,7 @@ class ZeroShotEmbedEvaluator(_EmbeddingEvaluator):
         self.text_batch_size = self.check_multiple(
             cfg["text_batch_size"] or self.images.batch_size, "text_batch_size"
         )
-        param_sh = kwargs["param_shardings"]
+        param_sh = ctx.param_shardings
         self._embed_texts = jax.jit(
             task.embed_texts,
             in_shardings=(param_sh, self.batch_sharding),
@@ -303,8 +258,8 @@ class RetrievalEvaluator(_EmbeddingEvaluator):
     KIND = "retrieval"
     DEFAULTS = RETRIEVAL_DEFAULTS
 
-    def __init__(self, eval_cfg: Mapping, **kwargs: Any):
-        super().__init__(eval_cfg, **kwargs)
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
         cfg, n = self.cfg, int(self.cfg["max_captions"])
         self.ks = tuple(int(k) for k in cfg["ks"])
         if not self.ks or min(self.ks) < 1 or n < 1 or int(cfg["text_chunk"]) < 1:
@@ -312,14 +267,16 @@ class RetrievalEvaluator(_EmbeddingEvaluator):
                 f"retrieval evaluator: ks must be positive integers and max_captions, text_chunk >= 1; got "
                 f"ks={cfg['ks']}, max_captions={n}, text_chunk={cfg['text_chunk']}."
             )
-        texts = f"first_texts(key={cfg['caption_key']!r}, n={n}, outkey='texts')"
+        texts = (
+            f"transfer.evaluators.first_texts(key={cfg['caption_key']!r}, n={n}, outkey='texts')"
+        )
         full_pp = f"{cfg['pp']}|flatten|{texts}|keep('image', 'texts')"
-        self.pass_ = SplitPass(dict(cfg, pp=full_pp), ("image", "texts"), self.KIND, **self.kwargs)
+        self.pass_ = evaluators.SplitPass(dict(cfg, pp=full_pp), ctx, ("image", "texts"), self.KIND)
         self.image_chunk = self.check_multiple(
             cfg["image_chunk"] or self.pass_.batch_size, "image_chunk"
         )
         self.text_chunk = int(cfg["text_chunk"])
-        param_sh, rep = kwargs["param_shardings"], self.replicated
+        param_sh, rep = ctx.param_shardings, self.replicated
         self._embed = jax.jit(
             self._embed_batch, in_shardings=(param_sh, self.batch_sharding), out_shardings=rep
         )

@@ -24,15 +24,14 @@ and `vqa/<name>_samples.html` (image, question -> generated answer, the human an
 from __future__ import annotations
 
 import collections
-import os
 import re
 from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
-from tasks import caption_eval, retrieval_eval, vqa_metrics, vqa_pp
-from transfer import evaluators, input_pipeline, pp_text, sharding
+from tasks import generation_eval, vqa_metrics, vqa_pp
+from transfer import contracts, input_pipeline
 
 DEFAULTS = dict(
     type="vqa",
@@ -54,11 +53,6 @@ DEFAULTS = dict(
 
 
 # ------------------------------------------------------------------------------------------ annotations
-def id_value(value: Any) -> Any:
-    """A question id from a batch: int for integer ids, str for byte-string ids (GQA)."""
-    return value.decode("utf-8") if isinstance(value, bytes) else int(value)
-
-
 def _text(value: Any) -> str:
     return value.decode("utf-8").strip() if isinstance(value, bytes) else str(value).strip()
 
@@ -79,7 +73,7 @@ def read_annotations(data: Mapping[str, Any], cfg: Mapping[str, Any]) -> dict:
         for i, real in enumerate(batch["_mask"]):
             if not real:
                 continue
-            qid = id_value(batch[cfg["id_key"]][i])
+            qid = generation_eval.id_value(batch[cfg["id_key"]][i])
             if qid in out:
                 raise ValueError(
                     f"vqa evaluator: question id {qid!r} occurs twice in {dict(data)}; `id_key` "
@@ -117,78 +111,55 @@ def accuracy_metrics(result: Mapping[str, Any], prefix: str = "") -> dict[str, f
 
 
 # ------------------------------------------------------------------------------------------ evaluator
-class VqaEvaluator:
+class VqaEvaluator(generation_eval.GenerationEvaluator):
     """VQA accuracy of greedy answers over one pass of the eval split (see the module docstring)."""
 
-    def __init__(self, eval_cfg: Mapping, *, task: Any, config: Any, **kwargs: Any):
-        self.cfg = cfg = evaluators.settings(eval_cfg, DEFAULTS, "vqa")
+    KIND, FOLDER, DEFAULTS = "vqa", "vqa", DEFAULTS
+    PP_EXAMPLE = "decode|resize(64)|value_range(-1, 1)"
+
+    def __init__(self, eval_cfg: Mapping, ctx: contracts.EvalContext):
+        super().__init__(eval_cfg, ctx)
+        self.annotations = self.refs
+        self.spell_numbers = bool(ctx.config.get("spell_numbers"))
+        self.majority: tuple[str, dict] | None = None
+        if self.cfg["majority_baseline"]:
+            self.majority = majority_answers(read_annotations(ctx.config.input.data, self.cfg))
+
+    def check_task(self, task: Any, config: Any) -> None:
         if not hasattr(task, "prefix_key") or not hasattr(getattr(task, "model", None), "txt_kw"):
             raise ValueError(
                 f"the vqa evaluator needs a VQA task (tasks.vqa); got {config.task!r}."
             )
-        if not cfg["pp"]:
-            raise ValueError(
-                "vqa evaluator: set `pp` (image preprocessing that produces 'image'), e.g. "
-                '"decode|resize(64)|value_range(-1, 1)".'
-            )
-        path = cfg["tokenizer"] or config.get("tokenizer")
-        if not path:
-            raise ValueError("vqa evaluator: set config.tokenizer (or evals.<name>.tokenizer).")
-        self.tokenizer = pp_text.get_tokenizer(path, pad_id=task.pad_id)
-        self.model, self.task = task.model, task
-        self.max_len = int(cfg["max_len"] or config.answer_len)
-        self.spell_numbers = bool(config.get("spell_numbers"))
-        id_key = cfg["id_key"]
-        question_pp = (
-            f"|tokenize(max_len={int(config.question_len)}, model={path!r}, "
-            f"key={cfg['question_key']!r}, outkey='prefix')"
-        )
-        split_cfg = dict(
-            data=cfg["data"],
-            pp=f"{cfg['pp']}{question_pp}|keep('image', 'prefix', {id_key!r})",
-            batch_size=cfg["batch_size"],
-        )
-        self.pass_ = retrieval_eval.SplitPass(
-            split_cfg, ("image", "prefix", id_key), "vqa", task=task, config=config, **kwargs
-        )
-        self.annotations = read_annotations(self.pass_.input_cfg["data"], cfg)
-        self.majority: tuple[str, dict] | None = None
-        if cfg["majority_baseline"]:
-            self.majority = majority_answers(read_annotations(config.input.data, cfg))
-        self._baseline: dict[str, float] | None = None
-        self._last: dict[str, Any] = {}
 
-    def _decode(self, params: Any, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    def references(self, data: Mapping[str, Any], config: Any) -> dict:
+        return read_annotations(data, self.cfg)
+
+    def input_keys(self) -> tuple[str, ...]:
+        return ("image", "prefix")
+
+    def extra_pp(self, tokenizer_path: str, config: Any) -> str:
+        """The question tokenized exactly as the task's training pp does."""
+        return (
+            f"|tokenize(max_len={int(config.question_len)}, model={tokenizer_path!r}, "
+            f"key={self.cfg['question_key']!r}, outkey='prefix')"
+        )
+
+    def default_max_len(self, config: Any) -> int:
+        return int(config.answer_len)
+
+    def generate(self, params: Any, arrays: Mapping[str, Any]) -> Any:
         from pretrain import prefix_lm
 
-        arrays = {"image": batch["image"], "prefix": batch["prefix"]}
-        arrays = sharding.put_batch(arrays, self.pass_.batch_sharding)
-        vocab = int(self.model.txt_kw["vocab_size"])
         out = prefix_lm.generate(
             self.model, params, arrays["image"], arrays["prefix"], max_len=self.max_len,
             eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-            vocab_limit=self.tokenizer.vocab_size if self.tokenizer.vocab_size < vocab else None,
-            keep_on_device=True,
+            vocab_limit=self.vocab_limit, keep_on_device=True,
         )  # fmt: skip
-        return caption_eval._gather(out["tokens"])
+        return out["tokens"]
 
-    def answers(self, tokens: np.ndarray) -> list[str]:
+    def texts(self, tokens: np.ndarray) -> list[str]:
         texts = [t.strip() for t in self.tokenizer.decode(tokens)]
         return [vqa_pp.digits_from_words(t) for t in texts] if self.spell_numbers else texts
-
-    def predict(self, params: Any) -> tuple[dict[Any, str], list[tuple[np.ndarray, Any]]]:
-        """{question id: generated answer} over the split, and (image, id) of the first samples."""
-        id_key, preds, samples = self.cfg["id_key"], {}, []
-        for batch in self.pass_.batches():
-            texts = self.answers(self._decode(params, batch))
-            ids, mask = caption_eval._gather(batch[id_key]), caption_eval._gather(batch["_mask"])
-            preds.update(
-                {id_value(i): t for i, t, real in zip(ids, texts, mask, strict=True) if real}
-            )
-            for image, qid, real in zip(batch["image"], batch[id_key], batch["_mask"], strict=True):
-                if real and len(samples) < int(self.cfg["num_samples"]):
-                    samples.append((np.asarray(image), id_value(qid)))
-        return preds, samples
 
     def _score(self, preds: Mapping[Any, str]) -> dict[str, Any]:
         anns = [self.annotations[q] for q in preds]
@@ -199,48 +170,35 @@ class VqaEvaluator:
             [a.question_type for a in anns] if self.cfg["question_type_key"] else None,
         )
 
-    def run(self, params: Any) -> dict[str, float]:
-        preds, samples = self.predict(params)
-        unknown = [q for q in preds if q not in self.annotations]
-        if unknown:
-            raise ValueError(f"vqa evaluator: questions {unknown[:5]} were answered but not read.")
+    def score(self, preds: Mapping[Any, str]) -> tuple[dict[str, float], dict[str, Any]]:
         out = accuracy_metrics(self._score(preds))
         out.update(
             questions=len(preds),
             distinct_answers=len(set(preds.values())) / max(len(preds), 1),
         )
-        if self.majority is not None:
-            if self._baseline is None:
-                overall, by_type = self.majority
-                self._baseline = accuracy_metrics(
-                    self._score(dict.fromkeys(preds, overall)), "baseline/"
-                )
-                if self.cfg["question_type_key"]:
-                    per_type = {
-                        q: by_type.get(self.annotations[q].question_type, overall) for q in preds
-                    }
-                    self._baseline["baseline_qtype/accuracy"] = self._score(per_type)["overall"]
-            out.update(self._baseline)
-        self._last = dict(preds=preds, samples=samples)
+        return out, {}
+
+    def baseline(self, preds: Mapping[Any, str]) -> dict[str, float]:
+        if self.majority is None:
+            return {}
+        overall, by_type = self.majority
+        out = accuracy_metrics(self._score(dict.fromkeys(preds, overall)), "baseline/")
+        if self.cfg["question_type_key"]:
+            per_type = {q: by_type.get(self.annotations[q].question_type, overall) for q in preds}
+            out["baseline_qtype/accuracy"] = self._score(per_type)["overall"]
         return out
 
-    def write(self, workdir: str, step: int, name: str) -> None:
-        """`vqa/<name>_step<N>.json` (VQAv2 results) and `vqa/<name>_samples.html`."""
-        if not self._last:
-            return
-        folder = os.path.join(workdir, "vqa")
-        os.makedirs(folder, exist_ok=True)
-        preds = self._last["preds"]
-        vqa_metrics.write_vqa_results(preds, os.path.join(folder, f"{name}_step{step}.json"))
-        shown = {
-            q: f"{self.annotations[q].question} -> {preds[q]}" for _, q in self._last["samples"]
-        }
-        refs = {q: list(self.annotations[q].answers) for _, q in self._last["samples"]}
-        page = caption_eval.samples_html(
-            self._last["samples"], shown, refs, title=f"{name}: step {step}, greedy answers"
-        )
-        with open(os.path.join(folder, f"{name}_samples.html"), "w", encoding="utf-8") as f:
-            f.write(page)
+    def write_results(self, preds: Mapping[Any, str], path: str) -> None:
+        vqa_metrics.write_vqa_results(preds, path)
+
+    def page(self, last: Mapping[str, Any]) -> tuple[Mapping, Mapping, list[str]]:
+        """Each image with "question -> generated answer" and the human answers."""
+        preds, ids = last["preds"], [q for _, q in last["samples"]]
+        shown = {q: f"{self.annotations[q].question} -> {preds[q]}" for q in ids}
+        return shown, {q: list(self.annotations[q].answers) for q in ids}, []
+
+    def describe(self) -> str:
+        return "greedy answers"
 
 
 EVALUATORS = {"vqa": VqaEvaluator}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from tasks import fewshot, fewshot_report
-from transfer import cli, metrics
+from transfer import cli, contracts, metrics
 
 L2S = [2.0**-6, 0.5, 4.0, 2.0**10]
 
@@ -174,11 +174,14 @@ def test_report_files_hold_the_numbers(tmp_path):
     assert open(paths[2], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+_NO_CONTEXT = contracts.EvalContext(
+    config=None, task=None, mesh=None, batch_sharding=None, param_shardings={}
+)
+
+
 def test_bad_configs_fail_clearly(tmp_path, capsys):
     with pytest.raises(ValueError, match=r"Unknown keys \['shot'\] for a 'few-shot' evaluator"):
-        fewshot.Evaluator(
-            {"shot": 5}, task=None, config=None, mesh=None, batch_sharding=None, param_shardings={}
-        )
+        fewshot.Evaluator({"shot": 5}, _NO_CONTEXT)
     with pytest.raises(ValueError, match="unknown keys \\['split'\\]"):
         fewshot.dataset_specs({"scenes": {"split": "train"}})
     with pytest.raises(ValueError, match="needs all of"):
@@ -259,9 +262,7 @@ def test_cli_report_matches_the_live_evaluator_and_reuses_the_cache(tiny_run, da
 
 def test_evaluator_needs_an_image_tower():
     with pytest.raises(ValueError, match="image tower"):
-        fewshot.Evaluator(
-            FEWSHOT_EVAL, task=None, config=None, mesh=None, batch_sharding=None, param_shardings={}
-        )
+        fewshot.Evaluator(FEWSHOT_EVAL, _NO_CONTEXT)
     assert (
         jax.device_count() == 8
     )  # The end-to-end run above is sharded over the conftest's 8 devices.

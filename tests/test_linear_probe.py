@@ -13,7 +13,7 @@ import pytest
 from pretrain import features, vit
 from tasks import linear_probe, probe_eval
 from transfer import config as config_lib
-from transfer import input_pipeline, metrics, sharding, train
+from transfer import contracts, input_pipeline, metrics, sharding, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PP = "decode|resize(32)|value_range(-1, 1)|keep('image', 'label')"
@@ -213,10 +213,8 @@ def test_probe_evaluator_chooses_on_val_only(live_probe, data_dir):
             type="probe", val=dict(split=splits[0]), test=dict(split=splits[test_index])
         )
         with jax.set_mesh(mesh):
-            evaluator = probe_eval.ProbeEvaluator(
-                eval_cfg, task=task, config=config, mesh=mesh, batch_sharding=batch_sh,
-                param_shardings=param_sh,
-            )  # fmt: skip
+            ctx = contracts.EvalContext(config, task, mesh, batch_sh, param_sh)
+            evaluator = probe_eval.ProbeEvaluator(eval_cfg, ctx)
             out = evaluator.run(params)
         assert out["wd_index"] == 0 and out["wd"] == 0.0 and out["val_prec@1"] == 1.0
         f, y = data[test_index]
@@ -227,10 +225,7 @@ def test_probe_evaluator_chooses_on_val_only(live_probe, data_dir):
         assert out["balanced_accuracy"] == pytest.approx(_balanced_accuracy(pred, y))
         assert out["test_examples"] == 16 and out["val_examples"] == 16
     with pytest.raises(ValueError, match="same"):
-        probe_eval.ProbeEvaluator(
-            dict(val=dict(split="test"), test=dict(split="test")), task=task, config=config,
-            mesh=mesh, batch_sharding=batch_sh, param_shardings=param_sh,
-        )  # fmt: skip
+        probe_eval.ProbeEvaluator(dict(val=dict(split="test"), test=dict(split="test")), ctx)
 
 
 # ---------------------------------------------------------------------------------------------- the loop

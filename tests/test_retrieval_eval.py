@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 from pretrain import runs, scoring
 from tasks import retrieval_eval, zeroshot
-from transfer import cli, input_pipeline, metrics, pp_text, sharding, train
+from transfer import cli, contracts, input_pipeline, metrics, pp_text, sharding, train
 from transfer.datasets import scenes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -274,8 +274,7 @@ def fake(data_dir, scenes_tokenizer):
 def _evaluator(fake, cls, eval_cfg):
     config, task, params, mesh, batch_sh, param_sh = fake
     with jax.set_mesh(mesh):
-        ev = cls(eval_cfg, task=task, config=config, mesh=mesh, batch_sharding=batch_sh,
-                 param_shardings=param_sh)  # fmt: skip
+        ev = cls(eval_cfg, contracts.EvalContext(config, task, mesh, batch_sh, param_sh))
         return ev, (lambda: ev.run(params))
 
 

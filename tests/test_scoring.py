@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pretrain import cappa, scoring
-from transfer import evaluators, input_pipeline, pp, pp_text, sharding, train
+from transfer import contracts, evaluators, input_pipeline, pp, pp_text, sharding, train
 from transfer.datasets import render, scenes
 from transfer.tokenizer import captions_from_dataset, train_tokenizer
 
@@ -197,10 +197,7 @@ def _build(setup, cls, eval_cfg):
     param_sh = sharding.tree_shardings(jax.eval_shape(lambda: params), mesh, config)
     assert any(s.spec != jax.sharding.PartitionSpec() for s in jax.tree.leaves(param_sh))
     with jax.set_mesh(mesh):
-        evaluator = cls(
-            eval_cfg, task=task, config=config, mesh=mesh,
-            batch_sharding=batch_sh, param_shardings=param_sh,
-        )  # fmt: skip
+        evaluator = cls(eval_cfg, contracts.EvalContext(config, task, mesh, batch_sh, param_sh))
     return evaluator, jax.device_put(params, param_sh), mesh
 
 

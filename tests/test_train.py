@@ -227,7 +227,7 @@ def test_zero_steps_saves_the_initial_state_and_evaluates_it(tiny_config, tmp_pa
 class SleepEvaluator:
     """Off-step work of a known length: sleeps `seconds`, returns a constant."""
 
-    def __init__(self, cfg, **_):
+    def __init__(self, cfg, ctx):
         self.seconds = cfg["seconds"]
 
     def run(self, params):

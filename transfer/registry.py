@@ -12,6 +12,7 @@ import pkgutil
 from types import ModuleType
 from typing import Any
 
+from transfer import contracts
 from transfer.config import ConfigError
 
 TASK_PACKAGE = "tasks"
@@ -28,7 +29,8 @@ def available_tasks() -> list[str]:
 
 
 def import_task(name: str) -> ModuleType:
-    """The task module for `config.task`: a name in tasks/ or an import string."""
+    """The task module for `config.task` (a name in tasks/ or an import string), checked against the task
+    contract (transfer/contracts.py) so that a missing method fails here, naming it."""
     if not name:
         raise ConfigError(
             f"config.task is empty: set it to one of {available_tasks()} "
@@ -36,13 +38,15 @@ def import_task(name: str) -> ModuleType:
         )
     candidates = [name] if "." in name else [f"{TASK_PACKAGE}.{name}"]
     try:
-        return importlib.import_module(candidates[0])
+        module = importlib.import_module(candidates[0])
     except ModuleNotFoundError as e:
         if e.name not in (candidates[0], TASK_PACKAGE, *_parents(candidates[0])):
             raise  # The task exists but one of ITS imports is missing: show the real error.
         close = difflib.get_close_matches(name, available_tasks(), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"Unknown task '{name}'.{hint} Tasks: {available_tasks()}.") from None
+    contracts.check_task_module(module)
+    return module
 
 
 def _parents(module: str) -> list[str]:
