@@ -224,7 +224,7 @@ def compute(
     `jitted` = (jitted fn, batch sharding) lets an evaluator reuse its compiled extraction on the loop's mesh
     with live, possibly sharded params; otherwise the fn is jitted data-parallel over all devices here.
     """
-    from transfer import input_pipeline, sharding
+    from transfer import evaluators, input_pipeline, sharding
 
     if jitted is None:
         step_fn, params, batch_sh = _data_parallel(fn, params)
@@ -244,8 +244,8 @@ def compute(
         feats.append(
             step_fn(params, sharding.put_batch({"image": batch["image"]}, batch_sh)["image"])
         )
-        labels.append(_gather_host(np.asarray(batch[label_key]), count))
-        masks.append(_gather_host(batch["_mask"], count))
+        labels.append(evaluators.gather(np.asarray(batch[label_key]), per_host=True))
+        masks.append(evaluators.gather(batch["_mask"], per_host=True))
         done += 1
         if done % 20 == 0:
             rate = done * batch_size / (time.monotonic() - start)
@@ -255,28 +255,10 @@ def compute(
     if not feats:
         raise ValueError(f"{dict(data)} produced no examples.")
     # Rows are [batch][host][local row]; the split's order is host slices one after another.
-    feats = [_gather(x, count) for x in feats]
+    feats = [evaluators.gather(x, per_host=True) for x in feats]
     order = lambda xs: np.concatenate([np.concatenate([x[h] for x in xs]) for h in range(count)])
     keep = order(masks) > 0
     return order(feats)[keep], order(labels)[keep].astype(np.int64)
-
-
-def _gather(x: jax.Array, count: int) -> np.ndarray:
-    """A global batch-sharded array -> numpy [hosts, local rows, ...] on every host."""
-    if count == 1:
-        return np.asarray(x)[None]
-    from jax.experimental import multihost_utils
-
-    full = np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return full.reshape(count, -1, *full.shape[1:])
-
-
-def _gather_host(x: np.ndarray, count: int) -> np.ndarray:
-    if count == 1:
-        return x[None]
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x))
 
 
 @dataclasses.dataclass
