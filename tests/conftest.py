@@ -1,6 +1,7 @@
 """Shared fixtures. 8 fake CPU devices so sharding is tested on every run; tiny shapes, compiled once."""
 
 import atexit
+import gc
 import os
 import shutil
 import tempfile
@@ -19,6 +20,20 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 import pytest  # noqa: E402
 
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
+
+
+def pytest_sessionfinish(session):
+    """Collects and freezes the heap while the session is still finishing, before an xdist worker reports done.
+
+    Once a worker has reported, execnet gives it 5 s to return and then sends it SIGINT. In that window pytest's
+    unraisable-exception plugin runs full gc.collect() passes over the worker's whole heap (TensorFlow, JAX and
+    every test's objects), each calling JAX's `_xla_gc_callback`; on a busy machine they overran the 5 s and the
+    run ended with "Exception ignored in: <function _xla_gc_callback>: KeyboardInterrupt". Collected here (xdist
+    reports after this hook) and frozen, the heap leaves those later passes almost nothing to scan.
+    """
+    del session
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")

@@ -78,12 +78,27 @@ def test_report_numbers_are_summary_numbers(smoke):
 
 
 def test_random_tower_is_the_untrained_init(smoke):
-    """Same architecture and seed as the pretrained tower, never updated: its weights are the init."""
-    from pretrain import features
+    """Same architecture and seed as the pretrained tower, never updated: its weights are the init, bit for bit."""
+    import jax
+    import numpy as np
 
-    rnd = features.load_tower(os.path.join(smoke, "random_tower", "run"))
+    from pretrain import features, runs
+    from transfer import input_pipeline, train, tree
+
+    run = os.path.join(smoke, "random_tower", "run")
+    rnd = features.load_tower(run)
     pre = features.load_tower(os.path.join(smoke, "pretrain", "run"))
-    assert rnd.vit_kw == pre.vit_kw and rnd.digest != pre.digest
+    assert rnd.vit_kw == pre.vit_kw and rnd.step == 0 and rnd.digest != pre.digest
+    # The init as the loop computes it for this config: task.init_params on the seed's init key.
+    config, task_module = train.prepare_config(runs.read_config(run))
+    init_rng, _ = jax.random.split(jax.random.key(config.seed))
+    batch = next(input_pipeline.TrainIterator(config.input, seed=config.seed))
+    init = jax.jit(task_module.Task(config).init_params)(init_rng, batch)
+    expected = tree.flatten(jax.device_get(init["img"]))
+    got = tree.flatten(rnd.params)
+    assert set(got) == set(expected)
+    for path, x in expected.items():
+        np.testing.assert_array_equal(got[path], np.asarray(x), err_msg=path)
 
 
 def test_rerun_reuses_finished_stages(smoke, data_dir, capsys):

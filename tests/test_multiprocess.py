@@ -11,7 +11,7 @@ import socket
 import subprocess
 
 import numpy as np
-from test_resume import ROOT, _cli, _final_params
+from helpers import ROOT, cli, final_params
 
 from transfer import metrics
 
@@ -30,7 +30,7 @@ def _run_two_processes(workdir, data_dir, total_steps):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [
         subprocess.Popen(
-            _cli(
+            cli(
                 workdir,
                 data_dir,
                 f"--coordinator_address=localhost:{port}",
@@ -46,7 +46,7 @@ def _run_two_processes(workdir, data_dir, total_steps):
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+        )
         for i in range(2)
     ]
     outputs = [p.communicate(timeout=300) for p in procs]
@@ -77,7 +77,7 @@ def test_two_processes_resume_equals_uninterrupted(data_dir, tmp_path):
     local_batch = 16 // 2
     assert saved["positions"] == [8 * local_batch, 8 * local_batch] and saved["skipped"] == [0, 0]
 
-    _, params = _final_params(straight)
-    _, resumed_params = _final_params(resumed)
+    _, params = final_params(straight)
+    _, resumed_params = final_params(resumed)
     for path, x in params.items():
         np.testing.assert_array_equal(resumed_params[path], x, err_msg=path)

@@ -5,58 +5,39 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
+from helpers import ROOT, cli, final_params, steps
 
 from transfer import checkpoint, metrics, train, tree
 from transfer.config import apply_overrides
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TINY = os.path.join(ROOT, "tests", "tiny_config.py")
-LONG = {"total_steps": 80, "ckpt_steps": 20, "evals": {}}
+LONG = {"total_steps": 24, "ckpt_steps": 8, "evals": {}}
+LAST = LONG["total_steps"]
 
 
-def _cli(workdir, data_dir, *extra_args, **overrides):
-    """`cappa train` on the tiny config; `overrides` become --config.KEY=VALUE (LONG by default)."""
-    args = [sys.executable, "-m", "transfer.cli", "train", "--config", TINY, "--workdir", workdir,
-            f"--config.input.data.data_dir={data_dir}", *extra_args]  # fmt: skip
-    args += [f"--config.{k}={v!r}" for k, v in {**LONG, **overrides}.items()]
-    return args
+def _cli(workdir, data_dir, pause_at=None):
+    """`cappa train` on the tiny config for LONG's steps."""
+    return cli(workdir, data_dir, pause_at=pause_at, **LONG)
 
 
-def _steps(workdir):
-    path = os.path.join(workdir, "checkpoints")
-    return sorted(int(d) for d in os.listdir(path) if d.isdigit()) if os.path.isdir(path) else []
-
-
-def _start_and_wait(workdir, data_dir, until_step):
-    """Starts a run and returns the process once a checkpoint at `until_step` is complete."""
+def _start_paused(workdir, data_dir, step):
+    """Starts a run and returns the process once it holds still after its checkpoint at `step`."""
     proc = subprocess.Popen(
-        _cli(workdir, data_dir), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        _cli(workdir, data_dir, pause_at=step),
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.time() + 300
-    while until_step not in _steps(workdir):
+    while step not in steps(workdir):
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "run did not reach the checkpoint in time"
         time.sleep(0.01)
     return proc
-
-
-def _final_params(workdir):
-    mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
-    step = mngr.latest_step()
-    # As numpy: the checkpoint may come from another topology (e.g. two processes).
-    meta = mngr.item_metadata(step)["params"]
-    as_numpy = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), meta)
-    args = ocp.args.PyTreeRestore(restore_args=as_numpy)
-    out = mngr.restore(step, args=ocp.args.Composite(params=args))["params"]
-    mngr.close()
-    return step, {k: np.asarray(v) for k, v in tree.flatten(out).items()}
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +49,9 @@ def reference(tmp_path_factory, data_dir):
 
 
 def _assert_same_run(workdir, reference):
-    step, params = _final_params(workdir)
-    ref_step, ref_params = _final_params(reference)
-    assert step == ref_step == LONG["total_steps"]
+    step, params = final_params(workdir)
+    ref_step, ref_params = final_params(reference)
+    assert step == ref_step == LAST
     for path, x in ref_params.items():
         np.testing.assert_array_equal(params[path], x, err_msg=path)  # Bit-exact on CPU.
     rows = metrics.read_jsonl(os.path.join(workdir, "metrics.jsonl"))
@@ -82,30 +63,29 @@ def _assert_same_run(workdir, reference):
 
 def test_sigkill_and_resume_equals_uninterrupted(reference, data_dir, tmp_path):
     workdir = str(tmp_path)
-    proc = _start_and_wait(workdir, data_dir, until_step=40)
+    proc = _start_paused(workdir, data_dir, 16)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    killed_at = _steps(workdir)[-1]
-    assert killed_at < LONG["total_steps"]
+    assert steps(workdir) == [8, 16]
     done = subprocess.run(_cli(workdir, data_dir), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Resumed from step {killed_at}" in done.stdout
+    assert "Resumed from step 16" in done.stdout
     _assert_same_run(workdir, reference)
 
 
 def test_sigterm_saves_exits_and_resumes(reference, data_dir, tmp_path):
+    """SIGTERM arrives while the run holds still after its step-8 checkpoint: it stops after step 9."""
     workdir = str(tmp_path)
-    proc = _start_and_wait(workdir, data_dir, until_step=20)
+    proc = _start_paused(workdir, data_dir, 8)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
-    if proc.returncode == 0:
-        pytest.skip("the run finished before SIGTERM arrived")
     assert proc.returncode == 143, stderr[-3000:]
-    stopped = int(re.search(r"Stopped by SIGTERM at step (\d+)", stderr).group(1))
-    assert _steps(workdir)[-1] == stopped
+    assert "Stopped by SIGTERM at step 9;" in stderr
+    assert steps(workdir) == [8, 9]
     done = subprocess.run(_cli(workdir, data_dir), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert "Resumed from step 9" in done.stdout
     _assert_same_run(workdir, reference)
 
 
@@ -116,13 +96,13 @@ def test_half_written_checkpoint_is_never_loaded(reference, tmp_path):
     # What a run killed in the middle of saving step 100 leaves behind: a temporary directory,
     # here with its array data truncated.
     partial = os.path.join(ckpts, "100.orbax-checkpoint-tmp-1234567")
-    shutil.copytree(os.path.join(ckpts, "80"), partial)
+    shutil.copytree(os.path.join(ckpts, str(LAST)), partial)
     for root, _, files in os.walk(os.path.join(partial, "params")):
         for name in files:
             with open(os.path.join(root, name), "r+b") as f:
                 f.truncate(3)
     mngr = checkpoint.manager(ckpts, read_only=True)
-    assert mngr.latest_step() == 80
+    assert mngr.latest_step() == LAST
     assert 100 not in mngr.all_steps()
 
 
@@ -140,10 +120,10 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tiny_config, tmp_pa
     with pytest.raises(train.NonFiniteLossError, match=r"at step (\d+)") as info:
         train.train(tiny_config, str(tmp_path))
     bad_step = int(re.search(r"at step (\d+)", str(info.value)).group(1))
-    steps = _steps(str(tmp_path))
-    assert steps and max(steps) < bad_step
-    assert f"last good checkpoint is step {max(steps)}" in str(info.value)
-    _, params = _final_params(str(tmp_path))
+    saved = steps(str(tmp_path))
+    assert saved and max(saved) < bad_step
+    assert f"last good checkpoint is step {max(saved)}" in str(info.value)
+    _, params = final_params(str(tmp_path))
     assert all(np.isfinite(x).all() for x in params.values())
 
 
@@ -162,7 +142,7 @@ def test_model_init_shape_mismatch_and_missing(reference, tiny_config, tmp_path)
     ):
         train.train(tiny_config, str(tmp_path / "a"))
     apply_overrides(tiny_config, {"num_classes": 42, "model_load": {"dont_load": []}})
-    step_dir = os.path.join(reference, "checkpoints", str(_steps(reference)[0]))
+    step_dir = os.path.join(reference, "checkpoints", str(steps(reference)[0]))
     tiny_config.model_init = step_dir  # A step directory works too.
     apply_overrides(tiny_config, {"model_load": {"src_subtree": "img", "dst_subtree": "img"}})
     with pytest.raises(checkpoint.CheckpointMismatchError, match=r"not found.*head/"):
@@ -180,7 +160,7 @@ def test_model_init_subtree_loads_tower_only(reference, tiny_config, tmp_path):
         },
     )
     result = train.train(tiny_config, str(tmp_path))
-    _, ref = _final_params(reference)
+    _, ref = final_params(reference)
     final = tree.flatten(result.params)
     for path, x in ref.items():
         if path.startswith("img/"):
@@ -199,6 +179,6 @@ def test_rerunning_a_finished_run_changes_nothing(reference, data_dir):
     before = open(os.path.join(reference, "metrics.jsonl")).read()
     done = subprocess.run(_cli(reference, data_dir), cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "is complete (step 80)" in done.stdout
+    assert f"is complete (step {LAST})" in done.stdout
     assert open(os.path.join(reference, "metrics.jsonl")).read() == before
-    assert _steps(reference)[-1] == 80
+    assert steps(reference)[-1] == LAST

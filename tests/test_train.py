@@ -9,7 +9,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from test_resume import _final_params
+from helpers import final_params
 
 from tasks import classify
 from transfer import checkpoint, input_pipeline, metrics, train, tree
@@ -50,8 +50,10 @@ def test_run_outputs_and_known_first_loss(baseline):
     assert np.mean([r["train/loss"] for r in rows[-3:]]) < rows[0]["train/loss"] - 0.05
     assert {"val/prec@1", "val/loss", "input/skipped", "steps_per_sec", "lr"} <= set(rows[-1])
     # lr 3e-3, 2 warmup steps, then cosine over the remaining 10 (the update of step s uses s - 1).
-    expected_lr = [3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 10))
-                   for s in range(12)]  # fmt: skip
+    expected_lr = [
+        3e-3 * (s + 1) / 2 if s < 2 else 3e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 10))
+        for s in range(12)
+    ]
     np.testing.assert_allclose([r["lr"] for r in rows], expected_lr, rtol=1e-5)
     assert glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*"))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["12", "6"]
@@ -168,16 +170,21 @@ def test_batch_not_divisible_by_devices(tiny_config, tmp_path):
 
 def test_model_init_from_big_vision_npz(baseline, tiny_config, tmp_path):
     """A FILE model_init goes through the task's loader (big_vision .npz for classify)."""
-    from test_bv_import import to_big_vision
+    from pretrain.bv_import import to_big_vision
 
     _, baseline_result, _ = baseline
     tower = jax.device_get(baseline_result.params["img"])
     npz = str(tmp_path / "vit.npz")
     np.savez(npz, **to_big_vision(tower))
-    apply_overrides(tiny_config, {
-        "model_init": npz, "total_steps": 2,
-        "model_load": {"dst_subtree": "img", "dont_load": ["head/.*"]},
-        "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})]})  # fmt: skip
+    apply_overrides(
+        tiny_config,
+        {
+            "model_init": npz,
+            "total_steps": 2,
+            "model_load": {"dst_subtree": "img", "dont_load": ["head/.*"]},
+            "schedule": [("img/.*", None), (".*", {"decay_type": "constant"})],
+        },
+    )
     result = train.train(tiny_config, str(tmp_path / "run"))
     final = tree.flatten(result.params)
     for path, x in tree.flatten(tower).items():
@@ -213,7 +220,7 @@ def test_zero_steps_saves_the_initial_state_and_evaluates_it(tiny_config, tmp_pa
     init = train.setup(tiny_config, str(tmp_path / "fresh"), devices=jax.devices()[:1])
     expected = tree.flatten(tree.merge(init.state["params"], init.state["frozen"]))
     init.mngr.close()
-    step, saved = _final_params(workdir)
+    step, saved = final_params(workdir)
     assert step == 0 and set(saved) == set(expected)
     for path, x in expected.items():
         np.testing.assert_array_equal(saved[path], np.asarray(x), err_msg=path)
