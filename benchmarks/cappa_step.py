@@ -105,9 +105,11 @@ def bench_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def synthetic_batch(name: str, seed: int = 0) -> dict[str, np.ndarray]:
-    """Images in [-1, 1] and captions of 8..max_len token ids (1..vocab-1), padded with 0."""
-    spec, rng = MODELS[name], np.random.default_rng(seed)
+def synthetic_batch(name: str, seed: int = 0, spec: dict | None = None) -> dict[str, np.ndarray]:
+    """Images in [-1, 1] and captions of 8..max_len token ids (1..vocab-1), padded with 0.
+
+    `spec` (default `MODELS[name]`): `batch`, `image` (side) and `txt` with `vocab_size`, `max_len`."""
+    spec, rng = MODELS[name] if spec is None else spec, np.random.default_rng(seed)
     b, size, t = spec["batch"], spec["image"], spec["txt"]["max_len"]
     image = rng.uniform(-1, 1, (b, size, size, 3)).astype(np.float32)
     labels = rng.integers(1, spec["txt"]["vocab_size"], (b, t)).astype(np.int32)
@@ -134,19 +136,31 @@ class _InMemoryIterator:
 
 
 class EngineStep:
-    """The engine's jitted step with its state and a device batch, built by `train.setup()`."""
+    """The engine's jitted step with its state and a device batch, built by `train.setup()`.
 
-    def __init__(self, name: str):
-        batch = synthetic_batch(name)
+    `config` and `batch` default to `bench_config(name)` and `synthetic_batch(name)`; `devices` (default:
+    all) restricts the mesh as `train.setup`'s argument does. benchmarks/accelerator.py passes its own.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        config: ml_collections.ConfigDict | None = None,
+        batch: dict[str, np.ndarray] | None = None,
+        devices: list | None = None,
+    ):
+        batch = synthetic_batch(name) if batch is None else batch
+        config = bench_config(name) if config is None else config
         workdir = tempfile.mkdtemp(prefix="cappa-bench-")
         fake = lambda *args, **kwargs: _InMemoryIterator(batch)
         try:
             with mock.patch.object(input_pipeline, "TrainIterator", fake), _quiet():
-                run = train.setup(bench_config(name), workdir)
+                run = train.setup(config, workdir, devices)
             run.mngr.close()
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
         self.step_fn, self.state, self.batch_size = run.step_fn, run.state, len(batch["image"])
+        self.task = run.task
         self.batch = sharding.put_batch(batch, run.batch_sharding)
         with jax.set_mesh(run.mesh):
             lowered = self.step_fn.lower(self.state, self.batch)

@@ -61,9 +61,15 @@ def build(size: dict) -> tuple[cappa.Model, dict, np.ndarray]:
     )
     model = cappa.Model(**cappa.model_kwargs(cfg))
     images = np.random.default_rng(0).uniform(-1, 1, (size["images"], 64, 64, 3)).astype(np.float32)
+    return model, jax.device_put(random_params(model, images[:1])), images
+
+
+def random_params(model: cappa.Model, image: np.ndarray, seed: int = 1) -> dict:
+    """Numpy parameters of `model` (shapes from eval_shape: nothing is compiled), with the EOS logit made
+    impossible so that every caption runs all TOKENS steps. `image`: one image of the model's size."""
     tokens = jnp.zeros((1, TOKENS), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1], tokens)["params"]
-    rng = np.random.default_rng(1)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), image, tokens)["params"]
+    rng = np.random.default_rng(seed)
 
     def leaf(path, x):
         name = path[-1].key
@@ -74,7 +80,7 @@ def build(size: dict) -> tuple[cappa.Model, dict, np.ndarray]:
 
     params = jax.tree_util.tree_map_with_path(leaf, shapes)
     params["txt"]["head"]["bias"][EOS] = -1e9  # Never ends: all 64 steps run.
-    return model, jax.device_put(params), images
+    return params
 
 
 def measure(model, params, images, method: str, use_cache: bool, repeats: int) -> dict:
