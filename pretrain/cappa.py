@@ -28,12 +28,16 @@ from pretrain import decoder, vit
 
 START_ID = 0  # First decoder input of a caption (big_vision shifts right with 0).
 
-# Model config defaults: `img` = ViT kwargs (plus `variant`), `txt` = TextDecoder kwargs, `dtype` for both.
+# Model config defaults: `img` = ViT kwargs (plus `variant`), `txt` = TextDecoder kwargs; `dtype` and
+# `kernels` for both.
 MODEL_DEFAULTS = dict(
     dtype="float32",  # compute dtype ("bfloat16" on TPU/GPU); parameters are always float32.
+    # "auto" | "xla" | "cpu" (pretrain/linear.py): auto = the XLA:CPU rewrites on CPU, plain layers and
+    # jax.nn.dot_product_attention elsewhere. The parameters are the same under each.
+    kernels="auto",
     keep_registers=True,  # the decoder cross-attends to the registers too (clip-jax's keep_registers)
     img=dict(
-        vit.CONFIG_DEFAULTS, pool_type="none"
+        vit.TOWER_DEFAULTS, pool_type="none"
     ),  # the decoder sees every token; probes pool later.
     txt=dict(
         vocab_size=32_000,
@@ -58,11 +62,12 @@ MODEL_DEFAULTS = dict(
 def model_kwargs(model_cfg: Mapping[str, Any]) -> dict[str, Any]:
     """Model config dict -> ``Model(img_kw=..., txt_kw=...)`` kwargs (variant expanded, widths filled)."""
     dtype = jnp.dtype(model_cfg.get("dtype") or "float32")
-    img = vit.config_kwargs(model_cfg["img"], dtype)
+    img = vit.config_kwargs(model_cfg["img"], dtype, model_cfg.get("kernels"))
     txt = dict(model_cfg["txt"])
     txt["width"] = txt.get("width") or img["width"]
     txt["num_heads"] = txt.get("num_heads") or img["num_heads"]
     txt["dtype"] = dtype
+    txt["kernels"] = img["kernels"]
     return dict(img_kw=img, txt_kw=txt, keep_registers=bool(model_cfg.get("keep_registers", True)))
 
 

@@ -58,11 +58,12 @@ class DecoderAttention(nn.Module):
     cross: bool = False
     rope: bool = False
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     def _dense(self, name: str, hd: int) -> nn.Module:
         return nn.DenseGeneral(
             (self.num_heads, hd),
-            dot_general=linear.dot_general,
+            dot_general=linear.ops(self.kernels).dot_general,
             use_bias=False,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -84,11 +85,13 @@ class DecoderAttention(nn.Module):
                 q, k = rope(q, positions), rope(k, positions)
             if decode:
                 k, v, mask = self._update_cache(k, v, positions)
-        y, probs = vit.dot_product_attention(q, k, v, mask, self.dtype)
-        self.sow("intermediates", "attention", probs)
+        need_probs = self.is_mutable_collection("intermediates")
+        y, probs = vit.dot_product_attention(q, k, v, mask, self.dtype, self.kernels, need_probs)
+        if need_probs:
+            self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
-            dot_general=linear.dot_general,
+            dot_general=linear.ops(self.kernels).dot_general,
             axis=(-2, -1),
             use_bias=False,
             dtype=self.dtype,
@@ -140,26 +143,29 @@ class DecoderBlock(nn.Module):
     # False: no cross-attention sub-layer (and no parameters for it): a text ENCODER block whose
     # self-attention and MLP have the decoder's parameter paths, so a CapPa decoder can initialise it.
     cross_attention: bool = True
+    kernels: str = "auto"  # pretrain/linear.py
 
     @nn.compact
     def __call__(self, x, encoded, self_mask, positions, train: bool, decode: bool):
         norm = lambda name: vit.Norm(self.norm, self.use_bias, dtype=self.dtype, name=name)
         drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
         attn = lambda name, cross: DecoderAttention(
-            self.num_heads, self.max_len, cross, self.rope and not cross, self.dtype, name=name
-        )
+            self.num_heads, self.max_len, cross, self.rope and not cross, self.dtype, self.kernels,
+            name=name,
+        )  # fmt: skip
+        barrier = linear.ops(self.kernels).grad_barrier
         sublayers = (
             (("self", None), ("cross", encoded)) if self.cross_attention else (("self", None),)
         )
         for kind, kv in sublayers:
-            x = linear.grad_barrier(x)
+            x = barrier(x)
             y = norm(f"norm_{kind}_pre")(x)
             mask = self_mask if kind == "self" else None
             y = attn(f"{kind}_attn", kind == "cross")(y, kv, mask, positions, decode)
             if self.normformer:
                 y = norm(f"norm_{kind}_post")(y)
             x = constrain_batch(x + drop(y))
-        x = linear.grad_barrier(x)
+        x = barrier(x)
         y = norm("norm_mlp_pre")(x)
         y = vit.MlpBlock(
             self.mlp_dim,
@@ -169,6 +175,7 @@ class DecoderBlock(nn.Module):
             self.norm,
             self.dropout,
             self.dtype,
+            self.kernels,
             name="mlp",
         )(y, train)
         return constrain_batch(x + drop(y)), None
@@ -198,6 +205,7 @@ class TextDecoder(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
+    kernels: str = "auto"  # "auto" | "xla" | "cpu" (pretrain/linear.py); same parameters under each
 
     @property
     def mask_id(self) -> int:
@@ -235,7 +243,11 @@ class TextDecoder(nn.Module):
         final_bias = self.use_bias if self.norm_final_bias is None else self.norm_final_bias
         x = vit.Norm(self.norm, final_bias, dtype=self.dtype, name="norm_final")(x)
         logits = linear.Dense(
-            self.vocab_size, kernel_init=nn.initializers.zeros, dtype=self.dtype, name="head"
+            self.vocab_size,
+            kernel_init=nn.initializers.zeros,
+            dtype=self.dtype,
+            kernels=self.kernels,
+            name="head",
         )(x)
         return logits.astype(jnp.float32)
 
@@ -251,6 +263,7 @@ class TextDecoder(nn.Module):
             rope=self.posemb == "rope",
             dropout=self.dropout,
             dtype=self.dtype,
+            kernels=self.kernels,
         )
 
 

@@ -38,10 +38,11 @@ _NON_VIT_KEYS = ("head_zeroinit",)
 
 
 def vit_kwargs(config: Any) -> dict[str, Any]:
-    """vit.ViT kwargs of a run config: CapPa's `model.img` (+ `model.dtype`) or a classifier's `model`."""
+    """vit.ViT kwargs of a run config: CapPa's `model.img` (+ `model.dtype`, `model.kernels`) or a
+    classifier's `model`."""
     model = dict(config["model"])
     if "img" in model:
-        return vit.config_kwargs(dict(model["img"]), model.get("dtype"))
+        return vit.config_kwargs(dict(model["img"]), model.get("dtype"), model.get("kernels"))
     kw = {k: v for k, v in model.items() if k not in _NON_VIT_KEYS}
     return vit.config_kwargs(kw)
 

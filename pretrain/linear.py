@@ -1,36 +1,43 @@
-"""Dense layers, attention, GELU and residual gradients written so that XLA:CPU compiles the backward well.
+"""The towers' dense layers, attention, GELU and residual stream, in two interchangeable sets of kernels.
 
-These helpers change how the backward pass is *written*, never what it computes: forward values and
-gradients equal the plain JAX formulations (tests/test_linear.py). They exist because patterns of
-JAX's autodiff output hit weak spots of XLA:CPU (measured on the S/16 CapPa step of
-benchmarks/cappa_step.py and found with benchmarks/profile_step.py; BENCHMARKS.md):
+`ops(kernels)` returns the set a model config asks for (`model.kernels`, see `KERNELS`):
 
-* `dot_general`, for `nn.Dense(..., dot_general=linear.dot_general)`: autodiff writes a dense layer's
-  weight gradient as `dot_general(g, x)` followed by a transpose to the kernel's `[in, out]` order, and
-  XLA:CPU then copies the big `[tokens, out]` cotangent into a transposed layout before the matmul. Here
-  the transposed operand is always the smaller of the two (x or g), and only the small `[in, out]`
-  result is transposed.
-* `grad_barrier(x)` on the residual stream: XLA:CPU fuses the chain of residual-gradient additions
-  into every consumer, so block i's backward re-summed the cotangents of all blocks above it (memory
-  traffic growing with depth squared). `lax.optimization_barrier` would stop that, but XLA:CPU strips
-  it; a `lax.cond` whose branches are both the identity is a boundary it keeps. Under a mesh the cond
-  runs on each device's batch shard (`sharding.per_batch_shard`): its predicate costs no collective.
-* `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a sum over rows.
-* `attention`: softmax attention whose backward is written out, every matmul a plain batched
-  `[heads, T, D]` product. Autodiff's version made XLA:CPU pick transposed operand and output layouts
-  (e.g. `P @ V` computed as `[D, T]`), which ran at 55-97 GFLOP/s and needed extra transposing copies.
-* `gelu`: the MLP's tanh GELU with the tanh recomputed in the backward instead of stored.
+* ``"cpu"``: custom-VJP rewrites for XLA:CPU. They change how the backward pass is *written*, never what
+  it computes (forward values and gradients equal the plain formulation, tests/test_linear.py and
+  tests/test_kernels.py), working around patterns of JAX's autodiff output that XLA:CPU compiles badly
+  (found with benchmarks/profile_step.py on the S/16 CapPa step; measurements in BENCHMARKS.md):
 
-The first two took the S/16 step from 5.5-6.0 s to 3.9-4.9 s on 2 CPU cores; `attention` then took it
-from 3.75 to 3.42 s (1 device; 4.92 -> 4.56 s on 8 fake devices) in an interleaved A/B (BENCHMARKS.md).
-On TPU and GPU the rewritten ops do the same FLOPs and `grad_barrier` is the identity; none of them was
-measured there.
+  - `dot_general`, for `nn.Dense(..., dot_general=...)`: autodiff writes a dense layer's weight gradient
+    as `dot_general(g, x)` plus a transpose, and XLA:CPU copies the big `[tokens, out]` cotangent into a
+    transposed layout first. Here the transposed operand is the smaller of x and g, and only the small
+    `[in, out]` result is transposed.
+  - `grad_barrier(x)` on the residual stream: XLA:CPU fuses the chain of residual-gradient additions into
+    every consumer, so block i's backward re-summed the cotangents of all blocks above it.
+    `lax.optimization_barrier` would stop that, but XLA:CPU strips it; a `lax.cond` whose branches are
+    both the identity is a boundary it keeps. Under a mesh the cond runs on each device's batch shard
+    (`sharding.per_batch_shard`, over the run's `config.batch_axes`): its predicate costs no collective.
+  - `add_bias` (and `Dense`, the vocabulary head): the bias gradient as `ones @ g`, not a row sum.
+  - `attention`: softmax attention whose backward is written out, every matmul a plain batched
+    `[heads, T, D]` product (autodiff's made XLA:CPU pick transposed layouts and extra copies). It always
+    materialises the float32 `[B, H, Q, K]` probabilities.
+  - `gelu`: the MLP's tanh GELU with the tanh recomputed in the backward instead of stored.
+
+* ``"xla"``: the plain layers: `lax.dot_general`, `y + bias`, `jax.nn.gelu(approximate=True)`, no barrier,
+  and `jax.nn.dot_product_attention` (which lets JAX choose the implementation) unless the caller needs
+  the probabilities (attention maps), which are then computed explicitly. No custom VJP, so forward-mode
+  autodiff (`jax.jvp`, `jax.jacfwd`) works, and nothing is tuned for a backend.
+
+* ``"auto"`` (the default): ``"cpu"`` when the code is traced for CPU devices, ``"xla"`` otherwise.
+
+Both sets create no parameters of their own (the modules own them), so a model has the same parameter tree
+under every setting and checkpoints move freely between them. The rewrites were measured on CPU only.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -119,7 +126,7 @@ def _grad_barrier_fwd(x):
 
 
 def _grad_barrier_bwd(_, cotangent):
-    if jax.default_backend() != "cpu":
+    if platform() != "cpu":
         return (cotangent,)
     # Per device shard: the predicate read from a sharded cotangent would otherwise be a collective.
     return (sharding.per_batch_shard(_identity_cond, cotangent),)
@@ -139,9 +146,8 @@ grad_barrier.defvjp(_grad_barrier_fwd, _grad_barrier_bwd)
 def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
     """`y + bias` over the last axis, whose bias gradient is a matmul with a ones vector.
 
-    Autodiff writes the bias gradient as a sum over every leading axis, and XLA:CPU's (YNNPACK)
-    reduction is pathological on wide rows: 125 ms to sum a [1024, 32000] cotangent over its rows,
-    against 3 ms as `ones @ g` (one-off timings of the S/16 CapPa step's vocabulary head; BENCHMARKS.md).
+    Autodiff writes the bias gradient as a sum over every leading axis, and XLA:CPU's reduction is very
+    slow on wide rows such as the vocabulary head's cotangent (BENCHMARKS.md).
     """
     if bias.shape != y.shape[-1:]:
         raise ValueError(f"add_bias: bias {bias.shape} must be y's last axis {y.shape[-1:]}")
@@ -161,14 +167,21 @@ add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, dtype: Any
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    dtype: Any,
+    need_probs: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
     """Softmax attention, logits and softmax in float32; q [B,Q,H,D], k/v [B,K,H,D].
 
     ``mask`` broadcastable to [B,H,Q,K] (True = may attend) or None. Returns (out [B,Q,H,D] in
     ``dtype``, probs [B,H,Q,K] float32). Values equal the autodiff reference; the backward is written
-    out (see the module docstring), including the gradient that flows through ``probs``.
+    out (see the module docstring), including the gradient that flows through ``probs``. The
+    probabilities are always computed (``need_probs`` is there for `xla_attention`'s signature).
     """
+    del need_probs
     heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # [B,T,H,D] <-> [B,H,T,D]
     y, probs = _attention(heads_first(q), heads_first(k), heads_first(v), mask, jnp.dtype(dtype))
     return heads_first(y), probs
@@ -214,6 +227,49 @@ def _attention_bwd(dtype, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
+def _explicit_attention(q, k, v, mask, dtype):
+    """The autodiff formulation `attention` rewrites: logits and softmax in float32, probs returned."""
+    q32 = q.astype(jnp.float32) / np.sqrt(q.shape[-1]).astype(np.float32)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q32, k.astype(jnp.float32))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dtype), v.astype(dtype)), probs
+
+
+def xla_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    dtype: Any,
+    need_probs: bool = True,
+) -> tuple[jax.Array, jax.Array | None]:
+    """`attention`'s contract with plain autodiff: (out [B,Q,H,D] in ``dtype``, probs or None).
+
+    Without ``need_probs``: `jax.nn.dot_product_attention` (logits and softmax in float32; its
+    ``implementation=None`` lets JAX pick the kernel), and no probabilities (None). With it: the
+    probabilities [B,H,Q,K] float32 computed explicitly (attention maps), as `attention` does.
+    """
+    if need_probs:
+        return _explicit_attention(q, k, v, mask, jnp.dtype(dtype))
+    q, k, v = (x.astype(dtype) for x in (q, k, v))
+    mask = None if mask is None else jnp.asarray(mask, bool)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask), None
+
+
+def _xla_grad_barrier(x: jax.Array) -> jax.Array:
+    return x
+
+
+def _xla_add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + bias
+
+
+def _xla_gelu(x: jax.Array) -> jax.Array:
+    return jax.nn.gelu(x, approximate=True)
+
+
 @jax.custom_vjp
 def gelu(x: jax.Array) -> jax.Array:
     """`jax.nn.gelu` (tanh approximation, flax's default), same values; the backward recomputes the tanh.
@@ -238,15 +294,56 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+KERNELS = ("auto", "xla", "cpu")
+
+
+class Ops(NamedTuple):
+    """One set of kernels (see the module docstring); every function has the signature of the "cpu" one."""
+
+    name: str  # "cpu" | "xla"
+    dot_general: Callable[..., jax.Array]
+    grad_barrier: Callable[[jax.Array], jax.Array]
+    add_bias: Callable[[jax.Array, jax.Array], jax.Array]
+    # (q, k, v, mask, dtype, need_probs) -> (out, probs); probs may be None when not needed.
+    attention: Callable[..., tuple[jax.Array, jax.Array | None]]
+    gelu: Callable[[jax.Array], jax.Array]
+
+
+def platform() -> str:
+    """The platform being traced for: the context mesh's devices (`jax.set_mesh`), else JAX's default."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    return getattr(device, "platform", None) or jax.default_backend()
+
+
+def resolve(kernels: str) -> str:
+    """``"auto" | "xla" | "cpu"`` -> ``"cpu" | "xla"`` (auto: "cpu" exactly when tracing for CPU)."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels = {kernels!r}: use one of {KERNELS}")
+    if kernels == "auto":
+        return "cpu" if platform() == "cpu" else "xla"
+    return kernels
+
+
+def ops(kernels: str) -> Ops:
+    """The set of kernels ``kernels`` resolves to at trace time (`resolve`)."""
+    return _CPU if resolve(kernels) == "cpu" else _XLA
+
+
+_CPU = Ops("cpu", dot_general, grad_barrier, add_bias, attention, gelu)
+_XLA = Ops("xla", lax.dot_general, _xla_grad_barrier, _xla_add_bias, xla_attention, _xla_gelu)
+
+
 class Dense(nn.Module):
     """`nn.Dense` with the same parameters (``kernel`` [in, out], ``bias`` [out], float32) and values,
-    built from this module's `dot_general` and `add_bias` for the CPU-friendly backward."""
+    built from the ``kernels`` set's `dot_general` and `add_bias` (the CPU-friendly backward on "cpu")."""
 
     features: int
     use_bias: bool = True
     dtype: Any = None
     kernel_init: Any = nn.initializers.lecun_normal()
     bias_init: Any = nn.initializers.zeros
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -257,5 +354,6 @@ class Dense(nn.Module):
             else None
         )
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-        y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        return y if bias is None else add_bias(y, bias)
+        k = ops(self.kernels)
+        y = k.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        return y if bias is None else k.add_bias(y, bias)

@@ -52,6 +52,7 @@ class TextEncoder(nn.Module):
     scan: bool = False
     remat_policy: str = "none"
     dtype: Any = jnp.float32
+    kernels: str = "auto"  # "auto" | "xla" | "cpu" (pretrain/linear.py); same parameters under each
 
     @nn.compact
     def __call__(self, tokens: jax.Array, *, train: bool = False) -> jax.Array:
@@ -93,6 +94,7 @@ class TextEncoder(nn.Module):
             dropout=self.dropout,
             dtype=self.dtype,
             cross_attention=False,
+            kernels=self.kernels,
         )
         x = decoder.DecoderStack(
             self.depth, block_kw, self.scan, self.remat_policy, name="decoder"
@@ -107,7 +109,7 @@ class TextEncoder(nn.Module):
             heads = self.num_heads
             x = vit.MAPHead(
                 heads, self.mlp_dim or 4 * self.width, self.norm, self.mlp_type, self.use_bias,
-                self.dtype, name="map",
+                self.dtype, self.kernels, name="map",
             )(x, real)  # fmt: skip
         return nn.Dense(self.embed_dim, use_bias=False, dtype=jnp.float32, name="proj")(
             x.astype(jnp.float32)

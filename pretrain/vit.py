@@ -61,13 +61,20 @@ _VARIANTS = {  # name: (width, depth, mlp_dim, num_heads)
 CONFIG_DEFAULTS: dict[str, Any] = dict(variant=None, width=192, depth=4, num_heads=3, patch_size=8)
 
 
-def config_kwargs(model_cfg: Mapping[str, Any], dtype: Any = None) -> dict[str, Any]:
-    """A task's ViT config dict -> ``ViT`` kwargs (``variant`` expanded, compute dtype resolved)."""
+def config_kwargs(
+    model_cfg: Mapping[str, Any], dtype: Any = None, kernels: str | None = None
+) -> dict[str, Any]:
+    """A task's ViT config dict -> ``ViT`` kwargs (``variant`` expanded, compute dtype resolved).
+
+    ``dtype`` and ``kernels`` (a two-tower model's ``model.dtype`` / ``model.kernels``) win over the dict's.
+    """
     kw = dict(model_cfg)
     variant = kw.pop("variant", None)
     if variant:
         kw.update(decode_variant(variant))
     kw["dtype"] = jnp.dtype(dtype or kw.get("dtype") or "float32")
+    kw["kernels"] = kernels or kw.get("kernels") or "auto"
+    linear.resolve(kw["kernels"])  # a typo fails here, not at the first trace
     return kw
 
 
@@ -133,25 +140,29 @@ class Norm(nn.Module):
         return y.astype(self.dtype)
 
 
-def dot_product_attention(q, k, v, mask, dtype) -> tuple[jax.Array, jax.Array]:
+def dot_product_attention(
+    q, k, v, mask, dtype, kernels: str = "auto", need_probs: bool = True
+) -> tuple[jax.Array, jax.Array | None]:
     """Softmax attention with logits and softmax in float32 (bf16 logits lose ranking precision).
 
     q [B,Q,H,D], k/v [B,K,H,D], mask broadcastable to [B,H,Q,K] (True = may attend) or None.
-    Returns (out [B,Q,H,D] in ``dtype``, probs [B,H,Q,K]). The backward is `linear.attention`'s.
+    Returns (out [B,Q,H,D] in ``dtype``, probs [B,H,Q,K] float32). ``kernels`` picks the implementation
+    (`linear.ops`); probs may be None when not ``need_probs`` (the "xla" kernels then skip them).
     """
-    return linear.attention(q, k, v, mask, dtype)
+    return linear.ops(kernels).attention(q, k, v, mask, dtype, need_probs)
 
 
 class Attention(nn.Module):
     """Multi-head attention; logits and softmax in float32. Kernels: [width, heads, head_dim].
 
-    The attention probabilities are sown as ``intermediates/.../attention`` (free unless the caller
-    makes ``intermediates`` mutable): that is how attention maps are read out.
+    The attention probabilities are sown as ``intermediates/.../attention`` when the caller makes
+    ``intermediates`` mutable: that is how attention maps are read out (under any ``kernels``).
     """
 
     num_heads: int
     use_bias: bool = True
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, xq, xkv, mask=None):
@@ -160,20 +171,23 @@ class Attention(nn.Module):
         if width % self.num_heads:
             raise ValueError(f"width {width} not divisible by num_heads {self.num_heads}")
         hd = width // self.num_heads
+        ops = linear.ops(self.kernels)
         dense = lambda name: nn.DenseGeneral(
             (self.num_heads, hd),
-            dot_general=linear.dot_general,
+            dot_general=ops.dot_general,
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
             name=name,
         )
         q, k, v = dense("query")(xq), dense("key")(xkv), dense("value")(xkv)
-        y, probs = dot_product_attention(q, k, v, mask, self.dtype)
-        self.sow("intermediates", "attention", probs)
+        need_probs = self.is_mutable_collection("intermediates")
+        y, probs = ops.attention(q, k, v, mask, self.dtype, need_probs)
+        if need_probs:
+            self.sow("intermediates", "attention", probs)
         return nn.DenseGeneral(
             width,
-            dot_general=linear.dot_general,
+            dot_general=ops.dot_general,
             axis=(-2, -1),
             use_bias=self.use_bias,
             dtype=self.dtype,
@@ -195,12 +209,14 @@ class MlpBlock(nn.Module):
     norm: str = "layernorm"
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        ops = linear.ops(self.kernels)
         dense = lambda feats, name: nn.Dense(
             feats,
-            dot_general=linear.dot_general,
+            dot_general=ops.dot_general,
             use_bias=self.use_bias,
             dtype=self.dtype,
             kernel_init=nn.initializers.xavier_uniform(),
@@ -208,9 +224,9 @@ class MlpBlock(nn.Module):
             name=name,
         )
         if self.mlp_type == "gelu":
-            h = linear.gelu(dense(self.mlp_dim, "wi")(x))
+            h = ops.gelu(dense(self.mlp_dim, "wi")(x))
         elif self.mlp_type == "geglu":
-            h = linear.gelu(dense(self.mlp_dim, "wi_0")(x)) * dense(self.mlp_dim, "wi_1")(x)
+            h = ops.gelu(dense(self.mlp_dim, "wi_0")(x)) * dense(self.mlp_dim, "wi_1")(x)
         else:
             raise ValueError(f"unknown mlp_type {self.mlp_type!r}")
         if self.normformer:
@@ -230,17 +246,19 @@ class Block(nn.Module):
     use_bias: bool = True
     dropout: float = 0.0
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         norm = lambda name: Norm(self.norm, self.use_bias, dtype=self.dtype, name=name)
-        x = linear.grad_barrier(x)
+        barrier = linear.ops(self.kernels).grad_barrier
+        x = barrier(x)
         y = norm("norm_attn_pre")(x)
-        y = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(y, y)
+        y = Attention(self.num_heads, self.use_bias, self.dtype, self.kernels, name="attn")(y, y)
         if self.normformer:
             y = norm("norm_attn_post")(y)
         x = constrain_batch(x + nn.Dropout(self.dropout)(y, deterministic=not train))
-        x = linear.grad_barrier(x)
+        x = barrier(x)
         y = norm("norm_mlp_pre")(x)
         y = MlpBlock(
             self.mlp_dim,
@@ -250,6 +268,7 @@ class Block(nn.Module):
             self.norm,
             self.dropout,
             self.dtype,
+            self.kernels,
             name="mlp",
         )(y, train)
         x = constrain_batch(x + nn.Dropout(self.dropout)(y, deterministic=not train))
@@ -309,6 +328,7 @@ class MAPHead(nn.Module):
     mlp_type: str = "gelu"
     use_bias: bool = True
     dtype: Any = jnp.float32
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, x, mask=None):
@@ -316,12 +336,14 @@ class MAPHead(nn.Module):
         probe = jnp.tile(probe.astype(self.dtype), (x.shape[0], 1, 1))
         if mask is not None:
             mask = jnp.asarray(mask, bool)[:, None, None, :]  # [B, T] -> [B, heads, Q, T]
-        x = Attention(self.num_heads, self.use_bias, self.dtype, name="attn")(probe, x, mask)
+        attn = Attention(self.num_heads, self.use_bias, self.dtype, self.kernels, name="attn")
+        x = attn(probe, x, mask)
         y = Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm")(x)
-        x = x + MlpBlock(self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype, name="mlp")(
-            y
-        )
-        return x[:, 0]
+        mlp = MlpBlock(
+            self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype, kernels=self.kernels,
+            name="mlp",
+        )  # fmt: skip
+        return (x + mlp(y))[:, 0]
 
 
 class ViT(nn.Module):
@@ -348,6 +370,7 @@ class ViT(nn.Module):
     dtype: Any = jnp.float32  # compute dtype; params are always float32
     # False: aux["encoded"] is the raw residual stream (probes of an intermediate block read it).
     final_norm: bool = True
+    kernels: str = "auto"  # "auto" | "xla" | "cpu" (pretrain/linear.py); same parameters under each
 
     @nn.compact
     def __call__(self, image, *, train: bool = False):
@@ -405,6 +428,7 @@ class ViT(nn.Module):
             use_bias=self.use_bias,
             dropout=self.dropout,
             dtype=self.dtype,
+            kernels=self.kernels,
         )
         x = aux["encoded"] = Encoder(
             self.depth, block_kwargs, self.scan, self.remat_policy, self.final_norm, name="encoder"
@@ -421,6 +445,7 @@ class ViT(nn.Module):
                 self.mlp_type,
                 self.use_bias,
                 self.dtype,
+                self.kernels,
                 name="map",
             )(x)
         elif tok:
@@ -435,7 +460,7 @@ class ViT(nn.Module):
                 self.num_classes,
                 kernel_init=init,
                 dtype=jnp.float32,
-                dot_general=linear.dot_general,
+                dot_general=linear.ops(self.kernels).dot_general,
                 name="head",
             )(x)
         return x, aux
@@ -448,6 +473,8 @@ CONFIG_DEFAULTS.update(
     for f in dataclasses.fields(ViT)
     if f.name not in (*CONFIG_DEFAULTS, *_NOT_CONFIG) and f.default is not dataclasses.MISSING
 )
+# The keys of a two-tower model's image tower (`model.img`): `kernels` is the model's (`model.kernels`).
+TOWER_DEFAULTS = {k: v for k, v in CONFIG_DEFAULTS.items() if k != "kernels"}
 
 
 def _stack_dicts(trees):

@@ -68,12 +68,13 @@ class ProbeHead(nn.Module):
     kind: str = "linear"  # "linear" | "map"
     num_heads: int = 1
     mlp_dim: int | None = None
+    kernels: str = "auto"  # the MAP head's (config.model.kernels, pretrain/linear.py)
 
     @nn.compact
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         if self.kind == "map":
             mlp_dim = self.mlp_dim or 4 * x.shape[-1]
-            x = vit.MAPHead(self.num_heads, mlp_dim, name="map")(x, mask)
+            x = vit.MAPHead(self.num_heads, mlp_dim, kernels=self.kernels, name="map")(x, mask)
         dense = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="classifier")
         return dense(x.astype(jnp.float32))
 
@@ -166,6 +167,7 @@ class Task:
         self.map_kw = dict(
             num_heads=int(config.map_head.num_heads or self.vit_kw["num_heads"]),
             mlp_dim=config.map_head.mlp_dim,
+            kernels=self.vit_kw["kernels"],
         )
         self.heads = sweep_heads(
             len(self.wd_sweep), num_classes=self.num_classes, kind=config.head, **self.map_kw

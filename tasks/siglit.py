@@ -62,8 +62,9 @@ DEFAULTS = dict(
     ),
     model=dict(
         dtype="float32",
+        kernels="auto",  # "auto" | "xla" | "cpu" for every tower and head (pretrain/linear.py)
         embed_dim=None,  # the joint embedding width; None = the text tower's width
-        img=dict(vit.CONFIG_DEFAULTS, pool_type="none"),  # the head sees every token
+        img=dict(vit.TOWER_DEFAULTS, pool_type="none"),  # the head sees every token
         img_head=dict(
             kind="map", num_heads=None, mlp_dim=None
         ),  # None: the tower's heads, 4 x width
@@ -90,6 +91,7 @@ class ImageHead(nn.Module):
     norm: str = "layernorm"
     mlp_type: str = "gelu"
     use_bias: bool = True
+    kernels: str = "auto"
 
     @nn.compact
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -97,8 +99,9 @@ class ImageHead(nn.Module):
         if self.kind == "map":
             mlp_dim = self.mlp_dim or 4 * tokens.shape[-1]
             x = vit.MAPHead(
-                self.num_heads, mlp_dim, self.norm, self.mlp_type, self.use_bias, name="map"
-            )(tokens)
+                self.num_heads, mlp_dim, self.norm, self.mlp_type, self.use_bias,
+                kernels=self.kernels, name="map",
+            )(tokens)  # fmt: skip
         else:  # "registers": they come last in the token layout (pretrain/vit.py).
             x = jnp.mean(tokens[:, -self.num_registers :], axis=1)
         return nn.Dense(self.embed_dim, use_bias=False, name="proj")(x)
@@ -149,7 +152,7 @@ def model_kwargs(config: Any) -> dict[str, Any]:
     """Config -> `Model` kwargs (widths and heads filled in, choices checked with clear errors)."""
     cfg = config.model
     dtype = jnp.dtype(cfg.get("dtype") or "float32")
-    img = vit.config_kwargs(cfg.img, dtype)
+    img = vit.config_kwargs(cfg.img, dtype, cfg.get("kernels"))
     txt = dict(cfg.txt)
     txt["width"] = txt.get("width") or img["width"]
     txt["num_heads"] = txt.get("num_heads") or img["num_heads"]
@@ -158,7 +161,7 @@ def model_kwargs(config: Any) -> dict[str, Any]:
             f"config.model.txt.pool = {txt['pool']!r}: use one of {text_encoder.POOLS}."
         )
     embed_dim = int(cfg.embed_dim or txt["width"])
-    txt.update(embed_dim=embed_dim, pad_id=int(config.pad_id), dtype=dtype)
+    txt.update(embed_dim=embed_dim, pad_id=int(config.pad_id), dtype=dtype, kernels=img["kernels"])
     registers = int(img.get("num_registers") or 0)
     head_kw = llip_kw = None
     if cfg.llip.enabled:
@@ -190,6 +193,7 @@ def model_kwargs(config: Any) -> dict[str, Any]:
             norm=img["norm"],
             mlp_type=img["mlp_type"],
             use_bias=img["use_bias"],
+            kernels=img["kernels"],
         )
     if not config.logit_scale_init > 0:
         raise ConfigError(

@@ -1,4 +1,5 @@
-"""pretrain/linear.py: same values and gradients as plain lax.dot_general / identity; the chain is cut."""
+"""pretrain/linear.py: same values and gradients as plain lax.dot_general / identity; the chain is cut.
+The "xla" kernels' attention equals the same reference (tests/test_kernels.py compares whole models)."""
 
 from __future__ import annotations
 
@@ -189,6 +190,29 @@ def test_attention_values_and_gradients_equal_autodiff(mask_kind, loss_reads_pro
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
     assert float(jnp.max(jnp.abs(got[0]))) > 0  # a gradient that is there to compare
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "causal", "random_with_an_empty_row"])
+@pytest.mark.parametrize("need_probs", [False, True])
+def test_xla_attention_equals_autodiff(mask_kind, need_probs):
+    """The "xla" kernels' attention: jax.nn.dot_product_attention without probabilities, the explicit
+    formulation with them; both the reference's values and gradients (a query that may attend nowhere
+    averages all values in both: -inf-like logits everywhere give a uniform softmax)."""
+    q, k, v = (jnp.asarray(RNG.normal(size=(2, 5, 3, 4)), jnp.float32) for _ in range(3))
+    mask = _attention_mask(mask_kind)
+    y, probs = linear.xla_attention(q, k, v, mask, jnp.float32, need_probs)
+    want_y, want_probs = _reference_attention(q, k, v, mask, jnp.float32)
+    np.testing.assert_allclose(y, want_y, rtol=1e-5, atol=1e-6)
+    if need_probs:
+        np.testing.assert_allclose(probs, want_probs, rtol=1e-6, atol=1e-6)
+    else:
+        assert probs is None
+    loss = lambda fn: lambda *a: jnp.sum(jnp.sin(fn(*a, mask, jnp.float32)[0]))
+    xla = lambda *a: linear.xla_attention(*a, need_probs)
+    got = jax.jit(jax.grad(loss(xla), argnums=(0, 1, 2)))(q, k, v)
+    want = jax.grad(loss(_reference_attention), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
 def test_attention_bf16_keeps_dtypes_and_is_close_to_float32():

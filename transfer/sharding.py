@@ -6,9 +6,11 @@ shape changes, never the code path.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -70,6 +72,7 @@ def make_mesh(mesh_cfg: Sequence[tuple[str, int]], devices: Sequence[Any] | None
 
 
 def batch_axes(mesh: Mesh, config_axes: Sequence[str] | None = None) -> tuple[str, ...]:
+    """`config.batch_axes` checked against the mesh; None = all its axes."""
     axes = tuple(config_axes) if config_axes else tuple(mesh.axis_names)
     for a in axes:
         if a not in mesh.axis_names:
@@ -191,11 +194,41 @@ def put_batch(local_batch: Mapping[str, np.ndarray], sharding: NamedSharding) ->
     }
 
 
+# (mesh shape, axes) recorded by `set_mesh`: the run's config.batch_axes, for model code that cannot see it.
+_CONFIGURED_BATCH_AXES: contextvars.ContextVar[tuple[tuple, tuple[str, ...]] | None] = (
+    contextvars.ContextVar("cappa_configured_batch_axes", default=None)
+)
+
+
+@contextlib.contextmanager
+def set_mesh(mesh: Mesh, config_axes: Sequence[str] | None = None) -> Iterator[Mesh]:
+    """`jax.set_mesh(mesh)` that also records the run's batch axes (`config.batch_axes`).
+
+    Model code's `constrain_batch` and `per_batch_shard` (the CPU kernels' `grad_barrier`) split dim 0 over
+    these axes when they are not told otherwise; None = every mesh axis of size > 1, as with a plain
+    `jax.set_mesh`. The loop traces its steps, init and evaluators under it. JAX does not key its trace
+    caches on these axes: a function jitted once is not re-traced when only the recorded axes change.
+    """
+    axes = batch_axes(mesh, config_axes) if config_axes else None
+    token = _CONFIGURED_BATCH_AXES.set((mesh.shape_tuple, axes) if axes else None)
+    try:
+        with jax.set_mesh(mesh):
+            yield mesh
+    finally:
+        _CONFIGURED_BATCH_AXES.reset(token)
+
+
 def _batch_axes(batch_axes: Sequence[str] | str | None) -> tuple[tuple[str, ...], int]:
-    """(the context mesh's Auto axes the batch is split over, their total size); ((), 1) without a mesh."""
+    """(the context mesh's Auto axes the batch is split over, their total size); ((), 1) without a mesh.
+
+    ``batch_axes`` None: the axes `set_mesh` recorded for this mesh, else every axis of size > 1.
+    """
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return (), 1
+    configured = _CONFIGURED_BATCH_AXES.get()
+    if batch_axes is None and configured is not None and configured[0] == mesh.shape_tuple:
+        batch_axes = configured[1]
     if batch_axes is None:
         axes = tuple(a for a in mesh.axis_names if mesh.shape[a] > 1)
     else:
@@ -213,11 +246,11 @@ def _batch_axes(batch_axes: Sequence[str] | str | None) -> tuple[tuple[str, ...]
 def constrain_batch(x: Any, batch_axes: Sequence[str] | None = None) -> Any:
     """Asks XLA to keep dim 0 of an activation (or each leaf of a pytree) split over the batch axes.
 
-    For model code: a no-op outside a mesh context (`jax.set_mesh`, which the train loop, the jitted init and the
-    evaluators run under), so the same model runs un-annotated anywhere else. `batch_axes` None = every mesh axis
-    of size > 1, which is the loop's batch sharding for the default `config.batch_axes = None`; a task that sets
-    `config.batch_axes` passes the same axes. Only axes of type Auto take part (inside `shard_map` the manual axes
-    are already split). A leaf whose dim 0 the axes' total size does not divide is returned unchanged.
+    For model code: a no-op outside a mesh context (`set_mesh` / `jax.set_mesh`; the train loop, the jitted init
+    and the evaluators run under `set_mesh(mesh, config.batch_axes)`), so the same model runs un-annotated
+    anywhere else. `batch_axes` None = the axes `set_mesh` recorded (the loop's batch sharding), else every mesh
+    axis of size > 1. Only axes of type Auto take part (inside `shard_map` the manual axes are already split).
+    A leaf whose dim 0 the axes' total size does not divide is returned unchanged.
     """
     axes, shards = _batch_axes(batch_axes)
 
@@ -235,8 +268,9 @@ def per_batch_shard(fn: Any, x: jax.Array) -> jax.Array:
     """``fn(x)`` run on each device's own batch shard (dim 0 split as `constrain_batch` splits it).
 
     For element-wise ``fn`` that must not communicate: under a mesh, a data-dependent scalar read from a
-    sharded array (``x[0]``) costs a cross-device collective; inside `jax.shard_map` it is local. Without a
-    mesh, or when the batch axes do not divide dim 0, it is plain ``fn(x)``.
+    sharded array (``x[0]``) costs a cross-device collective; inside `jax.shard_map` it is local. The batch
+    axes are `constrain_batch`'s default (the run's `config.batch_axes` under `set_mesh`). Without a mesh, or
+    when the batch axes do not divide dim 0, it is plain ``fn(x)``.
     """
     axes, shards = _batch_axes(None)
     if not axes or not x.ndim or x.shape[0] % shards:

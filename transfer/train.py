@@ -190,7 +190,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     # The task, the parameter rules and the optimizer.
     task = task_module.Task(config)
     init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-    with jax.set_mesh(mesh):  # Model code may annotate activations (sharding.constrain_batch).
+    # Model code may annotate activations (sharding.constrain_batch) over config.batch_axes.
+    with sharding.set_mesh(mesh, config.batch_axes):
         abstract_params = jax.eval_shape(task.init_params, init_rng, first_batch)
     rules = optim.resolve_rules(abstract_params, config)
     tx = optim.make_optimizer(config, rules)
@@ -218,7 +219,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
         )
         metrics.log(f"Resumed from step {resume_step} in {workdir}.")
     else:
-        with jax.set_mesh(mesh):
+        with sharding.set_mesh(mesh, config.batch_axes):
             params = jax.jit(task.init_params, out_shardings=param_sh)(init_rng, first_batch)
         if config.model_init:
             params, report = load_model_init(config, params, param_sh)
@@ -362,7 +363,7 @@ def _zero_step_run(run: Run) -> RunResult:
     state, workdir = run.state, run.workdir
     writer = metrics.MetricsWriter(workdir, resume_step=0)
     try:
-        with jax.set_mesh(run.mesh):
+        with sharding.set_mesh(run.mesh, run.config.batch_axes):
             row = writer.write(0, _run_evals(run.evals, state, 0, 0, workdir, every_one=True))
         _save(run.mngr, 0, state, run.data_iter)
         run.mngr.wait_until_finished()
@@ -400,7 +401,7 @@ def run_loop(run: Run) -> RunResult:
     stop = _StopFlag()
     stop.install()
     context = contextlib.ExitStack()  # The mesh in context: model code may annotate activations.
-    context.enter_context(jax.set_mesh(run.mesh))
+    context.enter_context(sharding.set_mesh(run.mesh, config.batch_axes))
     pending, last_row = [], {}
     step, batch = start_step, first_batch
     try:
