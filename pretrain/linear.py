@@ -23,8 +23,9 @@
   - `gelu`: the MLP's tanh GELU with the tanh recomputed in the backward instead of stored.
 
 * ``"xla"``: the plain layers: `lax.dot_general`, `y + bias`, `jax.nn.gelu(approximate=True)`, no barrier,
-  and `jax.nn.dot_product_attention` (which lets JAX choose the implementation) unless the caller needs
-  the probabilities (attention maps), which are then computed explicitly. No custom VJP, so forward-mode
+  and `jax.nn.dot_product_attention` (``implementation=None``: JAX's choice, which in jax 0.10.2 is always
+  its XLA formulation; cuDNN flash attention must be named and takes no boolean mask) unless the caller
+  needs the probabilities (attention maps), which are then computed explicitly. No custom VJP, so forward-mode
   autodiff (`jax.jvp`, `jax.jacfwd`) works, and nothing is tuned for a backend.
 
 * ``"auto"`` (the default): ``"cpu"`` when the code is traced for CPU devices, ``"xla"`` otherwise.
@@ -247,8 +248,8 @@ def xla_attention(
 ) -> tuple[jax.Array, jax.Array | None]:
     """`attention`'s contract with plain autodiff: (out [B,Q,H,D] in ``dtype``, probs or None).
 
-    Without ``need_probs``: `jax.nn.dot_product_attention` (logits and softmax in float32; its
-    ``implementation=None`` lets JAX pick the kernel), and no probabilities (None). With it: the
+    Without ``need_probs``: `jax.nn.dot_product_attention` (logits and softmax in float32;
+    ``implementation=None`` leaves the kernel to JAX), and no probabilities (None). With it: the
     probabilities [B,H,Q,K] float32 computed explicitly (attention maps), as `attention` does.
     """
     if need_probs:
