@@ -24,7 +24,7 @@
 
 * ``"xla"``: the plain layers: `lax.dot_general`, `y + bias`, `jax.nn.gelu(approximate=True)`, no barrier,
   and `jax.nn.dot_product_attention` (``implementation=None``: JAX's choice, which in jax 0.10.2 is always
-  its XLA formulation; cuDNN flash attention must be named and takes no boolean mask) unless the caller
+  its XLA formulation; cuDNN's fused attention must be named, ``implementation="cudnn"``) unless the caller
   needs the probabilities (attention maps), which are then computed explicitly. No custom VJP, so forward-mode
   autodiff (`jax.jvp`, `jax.jacfwd`) works, and nothing is tuned for a backend.
 
