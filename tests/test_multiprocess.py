@@ -6,6 +6,7 @@ positions, and a run stopped and resumed equals an uninterrupted one.
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -27,7 +28,9 @@ def _free_port():
 
 def _run_two_processes(workdir, data_dir, total_steps):
     port = _free_port()
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    # One device per process; the suite's other XLA flags (conftest) are kept.
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ["XLA_FLAGS"])
+    env = dict(os.environ, XLA_FLAGS=f"{flags} --xla_force_host_platform_device_count=1")
     procs = [
         subprocess.Popen(
             cli(
