@@ -58,7 +58,10 @@ DEFAULTS = dict(
     # skip: a CapPa run's decoder parts the text encoder has no use for (cross-attention, vocab projection).
     model_load=dict(
         loader="pretrain.ckpt_import:load_into",
-        skip=[r"txt/decoder/blocks?(_\d+)?/(norm_cross_pre|norm_cross_post|cross_attn)/.*", "txt/head/.*"],
+        skip=[
+            r"txt/decoder/blocks?(_\d+)?/(norm_cross_pre|norm_cross_post|cross_attn)/.*",
+            "txt/head/.*",
+        ],
     ),
     model=dict(
         dtype="float32",
