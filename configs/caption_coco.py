@@ -29,23 +29,14 @@ frozen one is bit-identical) and caption-scoring zero-shot before and after side
 
 import ml_collections
 
-from tasks.config_helpers import cappa_arch, tower_schedule
+from tasks.config_helpers import TRANSFER_ARGS, cappa_arch, tower_schedule
 from transfer.config import parse_arg
 
 DECODERS = ("cappa", "scratch")
 
 
 def get_config(arg=None):
-    args = parse_arg(
-        arg,
-        data="scenes",
-        arch=None,
-        init=None,
-        tower="frozen",
-        decoder="cappa",
-        tokenizer=None,
-        method="greedy",
-    )
+    args = parse_arg(arg, **TRANSFER_ARGS, method="greedy")
     coco = args["data"] in ("coco", "coco_files")
     if args["data"] not in ("scenes", "coco", "coco_files"):
         raise ValueError(f"data={args['data']!r}: use scenes, coco or coco_files")

@@ -23,7 +23,7 @@ references the tokenizer can write at all (the ceiling of exact match).
 
 import ml_collections
 
-from tasks.config_helpers import cappa_arch, tower_schedule
+from tasks.config_helpers import TRANSFER_ARGS, cappa_arch, tower_schedule
 from transfer.config import parse_arg
 
 # name -> TFDS name, (train, validation, test) splits, the text key, the id key.
@@ -33,17 +33,7 @@ DATASETS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(
-        arg,
-        data="scenes",
-        arch=None,
-        init=None,
-        tower="frozen",
-        decoder="cappa",
-        tokenizer=None,
-        strip=None,
-        case=None,
-    )
+    args = parse_arg(arg, **TRANSFER_ARGS, strip=None, case=None)
     if args["data"] not in DATASETS:
         raise ValueError(f"data={args['data']!r}: use one of {sorted(DATASETS)}")
     if args["decoder"] not in ("cappa", "scratch"):

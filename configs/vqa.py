@@ -33,7 +33,7 @@ The tiny scenes tokenizer has no digits, so on scenes answers are trained as num
 
 import ml_collections
 
-from tasks.config_helpers import cappa_arch, tower_schedule
+from tasks.config_helpers import TRANSFER_ARGS, cappa_arch, tower_schedule
 from transfer.config import parse_arg
 
 # name -> dataset (TFDS or a file source), (train, validation, test) splits, feature keys (None: absent).
@@ -59,16 +59,7 @@ DATASETS = {
 
 
 def get_config(arg=None):
-    args = parse_arg(
-        arg,
-        data="scenes",
-        arch=None,
-        init=None,
-        tower="frozen",
-        decoder="cappa",
-        answer="sample",
-        tokenizer=None,
-    )
+    args = parse_arg(arg, **TRANSFER_ARGS, answer="sample")
     if args["data"] not in DATASETS:
         raise ValueError(f"data={args['data']!r}: use one of {sorted(DATASETS)}")
     if args["decoder"] not in ("cappa", "scratch"):

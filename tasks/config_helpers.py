@@ -8,6 +8,10 @@ from transfer import config as config_lib
 
 # The CapPa configs a transfer can start from: configs/cappa_<arch>.py and its image resolution.
 ARCHS = {"tiny": 64, "b16": 224, "l16": 256}
+# The args every CapPa transfer config (caption, VQA, OCR) takes, with their defaults; see their docstrings.
+TRANSFER_ARGS = dict(
+    data="scenes", arch=None, init=None, tower="frozen", decoder="cappa", tokenizer=None
+)
 
 
 def cappa_arch(name: str, here: str) -> tuple[Any, int]:
