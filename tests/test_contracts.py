@@ -1,5 +1,6 @@
 """The task and evaluator contracts (transfer/contracts.py) are checked when a task or evaluator is loaded."""
 
+import dataclasses
 import sys
 import types
 
@@ -76,3 +77,18 @@ def test_an_evaluator_without_run_fails_naming_run():
 def test_protocol_members():
     assert contracts.members(contracts.Task) == ("init_params", "loss_fn", "eval_metrics")
     assert contracts.members(contracts.Evaluator) == ("run",)
+
+
+def test_task_hooks_are_the_bound_methods_or_none():
+    class WithFinalize(_Complete):
+        def finalize(self, workdir):
+            return workdir
+
+    task = WithFinalize()
+    hooks = contracts.TaskHooks.of(task)
+    assert hooks.evaluators is None and hooks.flops_per_example is None
+    assert hooks.finalize("w") == "w"
+    # One field per declared hook, so a new hook Protocol cannot be forgotten here.
+    fields = [f.name for f in dataclasses.fields(contracts.TaskHooks)]
+    assert fields == [m for hook in contracts.TASK_HOOKS for m in contracts.members(hook)]
+    assert contracts.optional(object(), contracts.Writer) is None

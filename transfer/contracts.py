@@ -4,12 +4,15 @@ A task module (`config.task`) holds a class `Task(config)` satisfying `Task` bel
 Protocols, and optionally a module-level `DEFAULTS` mapping (the task's config keys; a sub-tree declared there
 is validated key by key). An evaluator class satisfies `Evaluator`: the loop constructs it as
 `Class(eval_cfg, ctx)` with an `EvalContext`, and may call `write` (`Writer`) after each `run`.
+
+The loop reaches an optional hook only through `optional(obj, Protocol)` (the bound method or None), and a
+task's hooks through `TaskHooks`, resolved once when the run is set up; it never probes with hasattr.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -85,6 +88,29 @@ TASK_HOOKS = (ProvidesEvaluators, CountsFlops, Finalizes)
 def members(protocol: type) -> tuple[str, ...]:
     """The method names a Protocol declares (in order)."""
     return tuple(k for k, v in vars(protocol).items() if callable(v) and not k.startswith("_"))
+
+
+def optional(obj: Any, protocol: type) -> Callable | None:
+    """`obj`'s method of the one-method optional `protocol` (a hook above, or `Writer`), or None if it has none."""
+    (name,) = members(protocol)
+    return getattr(obj, name, None)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskHooks:
+    """A task's optional hooks, each the bound method or None (the task does not provide it)."""
+
+    evaluators: Callable[[], Mapping[str, type]] | None
+    flops_per_example: Callable[[dict], float] | None
+    finalize: Callable[[str], None] | None
+
+    @classmethod
+    def of(cls, task: Any) -> TaskHooks:
+        return cls(
+            evaluators=optional(task, ProvidesEvaluators),
+            flops_per_example=optional(task, CountsFlops),
+            finalize=optional(task, Finalizes),
+        )
 
 
 def check_task_module(module: ModuleType) -> None:

@@ -165,7 +165,8 @@ BUILTIN = {"mean": MeanEvaluator}
 
 def resolve(type_name: str, task: Any) -> type:
     """The evaluator class of `evals.<name>.type`, checked against the evaluator contract."""
-    provided = dict(task.evaluators()) if hasattr(task, "evaluators") else {}
+    hook = contracts.TaskHooks.of(task).evaluators
+    provided = dict(hook()) if hook else {}
     cls = provided.get(type_name) or BUILTIN.get(type_name)
     if cls is None and ":" in type_name:
         cls = registry.import_object(type_name)

@@ -21,6 +21,7 @@ import numpy as np
 
 from transfer import (
     checkpoint,
+    contracts,
     evaluators,
     flops,
     input_pipeline,
@@ -125,6 +126,7 @@ class Run:
     mngr: Any
     start_step: int
     evals: dict
+    hooks: contracts.TaskHooks  # The task's optional methods, resolved once.
     # The step without micro-batches (same FLOPs per example; XLA counts a loop body once): lowered,
     # never compiled, for the perf/ metrics (`step_fn` itself when accum_steps == 1).
     cost_fn: Any
@@ -253,7 +255,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
     )
     return Run(
         config, workdir, task, mesh, batch_shard, state, step_fn, data_iter, first_batch, mngr,
-        resume_step or 0, evals, cost_fn,
+        resume_step or 0, evals, contracts.TaskHooks.of(task), cost_fn,
     )  # fmt: skip
 
 
@@ -303,8 +305,9 @@ def _run_evals(
             results = evaluator.run(tree.merge(state["params"], state["frozen"]))
             out.update({f"{name}/{k}": v for k, v in results.items()})
             out[f"{name}/seconds"] = time.perf_counter() - t0
-            if hasattr(evaluator, "write") and jax.process_index() == 0:
-                evaluator.write(workdir, step, name)
+            write = contracts.optional(evaluator, contracts.Writer)
+            if write and jax.process_index() == 0:
+                write(workdir, step, name)
     return out
 
 
@@ -350,8 +353,8 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
         run.cost_fn, (state, batch), config.input.batch_size, run.mesh,
         config.peak_flops_per_device,
     )  # fmt: skip
-    if hasattr(run.task, "flops_per_example"):  # The task knows its model FLOPs better than XLA.
-        perf = dataclasses.replace(perf, flops_per_example=run.task.flops_per_example(local_batch))
+    if run.hooks.flops_per_example:  # The task knows its model FLOPs better than XLA.
+        perf = dataclasses.replace(perf, flops_per_example=run.hooks.flops_per_example(local_batch))
     metrics.log(perf.describe())
     return perf
 
@@ -464,6 +467,6 @@ def run_loop(run: Run) -> RunResult:
         writer.close()
         mngr.close()
     # Optional task hook: reports a person reads (tables, plots) from the finished run's metrics.jsonl.
-    if step == total and hasattr(run.task, "finalize") and jax.process_index() == 0:
-        run.task.finalize(workdir)
+    if step == total and run.hooks.finalize and jax.process_index() == 0:
+        run.hooks.finalize(workdir)
     return RunResult(last_row, tree.merge(state["params"], state["frozen"]))
