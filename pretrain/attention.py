@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import cappa
+from transfer import config as config_lib
 
 
 def per_layer(stack: Mapping[str, Any], module: str) -> list[jax.Array]:
@@ -126,7 +127,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         return _attention_command(args)
-    except (FileNotFoundError, ValueError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -142,7 +143,10 @@ def _attention_command(args: argparse.Namespace) -> int:
     grid = (images.shape[1] // _patch(model)[0], images.shape[2] // _patch(model)[1])
     if args.caption is not None:
         if run.tokenizer is None:
-            raise ValueError("the run's config has no tokenizer; cannot tokenize --caption")
+            raise config_lib.InputError(
+                "the run's config has no tokenizer; cannot tokenize --caption (omit it to attend "
+                "with the greedy caption)"
+            )
         tokens = run.tokenizer.encode([args.caption] * len(images), model.txt_kw["max_len"])
     else:
         out = decode.generate(

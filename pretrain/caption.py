@@ -45,10 +45,11 @@ def caption_files(args: argparse.Namespace) -> list[dict[str, Any]]:
     import numpy as np
 
     from pretrain import decode, runs
+    from transfer import config as config_lib
 
     run = runs.load_run(args.checkpoint, args.step, args.tokenizer)
     if run.tokenizer is None:
-        raise ValueError(
+        raise config_lib.InputError(
             f"the run in {args.checkpoint!r} has no config.tokenizer: pass --tokenizer PATH.model"
         )
     runs.require_captioner(run)
@@ -93,9 +94,11 @@ def main(argv: list[str]) -> int:
     if args.batch_size < 1:
         print("error: --batch_size must be >= 1", file=sys.stderr)
         return 2
+    from transfer import config as config_lib
+
     try:
         results = caption_files(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     for result in results:

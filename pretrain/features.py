@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pretrain import vit
+from transfer import config as config_lib
 from transfer import tree
 
 POOLINGS = ("gap", "registers", "tokens", "cls", "map", "pre_logits", "none")
@@ -53,28 +54,34 @@ def _block_index(layer: Any, depth: int) -> int | None:
     try:
         index = int(layer)
     except (TypeError, ValueError):
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"layer {layer!r}: use 'final' or a block index in [-{depth}, {depth})."
         ) from None
     if not -depth <= index < depth:
-        raise ValueError(f"layer {index} does not exist: the tower has {depth} blocks.")
+        raise config_lib.ConfigError(f"layer {index} does not exist: the tower has {depth} blocks.")
     return index % depth
 
 
 def _check_pooling(kw: Mapping[str, Any], block: int | None, pooling: str) -> None:
     if pooling not in POOLINGS:
-        raise ValueError(f"pooling {pooling!r}: use one of {POOLINGS}.")
+        raise config_lib.ConfigError(f"pooling {pooling!r}: use one of {POOLINGS}.")
     if pooling == "registers" and not kw.get("num_registers"):
-        raise ValueError("pooling='registers' but the tower has no registers (num_registers=0).")
+        raise config_lib.ConfigError(
+            "pooling='registers' but the tower has no registers (num_registers=0)."
+        )
     if pooling == "cls" and kw.get("pool_type") != "tok":
-        raise ValueError("pooling='cls' needs a tower with a class token (pool_type='tok').")
+        raise config_lib.ConfigError(
+            "pooling='cls' needs a tower with a class token (pool_type='tok')."
+        )
     if pooling == "map" and kw.get("pool_type") != "map":
-        raise ValueError(
+        raise config_lib.ConfigError(
             "pooling='map' reads the tower's own MAP head, and this tower has pool_type="
             f"{kw.get('pool_type')!r}; train a MAP probe instead (tasks/linear_probe.py, head='map')."
         )
     if pooling in ("map", "pre_logits") and block is not None:
-        raise ValueError(f"pooling={pooling!r} is the tower's own head: it needs layer='final'.")
+        raise config_lib.ConfigError(
+            f"pooling={pooling!r} is the tower's own head: it needs layer='final'."
+        )
 
 
 def features_fn(
@@ -146,7 +153,9 @@ def _sub(params: Mapping, subtree: str) -> dict:
     for part in [p for p in subtree.split("/") if p]:
         if not isinstance(node, Mapping) or part not in node:
             top = sorted(params) if isinstance(params, Mapping) else []
-            raise ValueError(f"The checkpoint has no sub-tree {subtree!r}; its top level: {top}.")
+            raise config_lib.ConfigError(
+                f"The checkpoint has no sub-tree {subtree!r}; its top level: {top}."
+            )
         node = node[part]
     return dict(node)
 
@@ -173,7 +182,7 @@ def load_tower(
         tower_params = _sub(params, subtree)
     elif os.path.isfile(checkpoint):
         if model is None:
-            raise ValueError(
+            raise config_lib.InputError(
                 f"{checkpoint!r} is a parameter file: pass the tower's ViT config as `model` "
                 "(e.g. dict(variant='B/16', pool_type='map')), it is not stored in the file."
             )
@@ -192,7 +201,7 @@ def load_tower(
             zeros, checkpoint, prefix=npz_prefix, skip=[r"(.*/)?head/(kernel|bias)"]
         )
     else:
-        raise FileNotFoundError(
+        raise config_lib.MissingFileError(
             f"checkpoint {checkpoint!r} does not exist: pass a `cappa train` workdir or a .npz file."
         )
     tower_params = jax.tree.map(np.asarray, tower_params)
@@ -237,7 +246,7 @@ def compute(
     start, done = time.monotonic(), 0
     for batch in batches:
         if label_key not in batch or "image" not in batch:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"pp {pp!r} must produce 'image' and {label_key!r}; it gives {sorted(batch)}."
             )
         # Kept on device until the end: dispatch is asynchronous, so the tower runs while the
@@ -254,7 +263,7 @@ def compute(
                 f"  features: {done}/{batches.num_batches} batches, {rate:.1f} images/s", flush=True
             )
     if not feats:
-        raise ValueError(f"{dict(data)} produced no examples.")
+        raise config_lib.ConfigError(f"{dict(data)} produced no examples.")
     # Rows are [batch][host][local row]; the split's order is host slices one after another.
     feats = [evaluators.gather(x, per_host=True) for x in feats]
     order = lambda xs: np.concatenate([np.concatenate([x[h] for x in xs]) for h in range(count)])
@@ -345,12 +354,12 @@ class CachedSource:
         cfg = dict(data_cfg)
         unknown = sorted(set(cfg) - set(SOURCE_KEYS))
         if unknown:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"Unknown input.data keys {unknown} for CachedSource; valid: {SOURCE_KEYS}."
             )
         for needed in ("name", "split", "checkpoint", "pp"):
             if not cfg.get(needed):
-                raise ValueError(f"CachedSource needs input.data.{needed}.")
+                raise config_lib.ConfigError(f"CachedSource needs input.data.{needed}.")
         self.label_key = cfg.get("label_key") or "label"
         memo = json.dumps(cfg, sort_keys=True, default=str)
         if memo not in _LOADED:  # Evaluators re-open their source every run.

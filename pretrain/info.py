@@ -41,7 +41,9 @@ def _hw(size: Any) -> tuple[int, int]:
         return size, size
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(isinstance(s, int) for s in size):
         return int(size[0]), int(size[1])
-    raise ValueError(f"cannot read an image size from {size!r}: expected N or (H, W)")
+    raise config_lib.ConfigError(
+        f"cannot read an image size from {size!r} (input.pp): expected N or (H, W)"
+    )
 
 
 def image_size_from_pp(pp_string: str) -> tuple[int, int] | None:
@@ -51,7 +53,9 @@ def image_size_from_pp(pp_string: str) -> tuple[int, int] | None:
     try:
         node = ast.parse(f"({pp_string.strip()})", mode="eval").body
     except SyntaxError as e:
-        raise ValueError(f"cannot parse pp string {pp_string!r}: {e.msg}") from e
+        raise config_lib.ConfigError(
+            f"cannot parse input.pp {pp_string!r}: {e.msg}; fix its syntax or pass --image_size N."
+        ) from e
     ops = []
     while isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
         ops.append(node.right)
@@ -251,7 +255,7 @@ def plan_target(
     entry = flops.table_entry(target.device)
     if entry is None:
         names = "v4, v5e, v5p, v6e, h100, h200, a100, a100-80gb, ..."
-        raise ValueError(
+        raise config_lib.InputError(
             f"unknown --device {target.device!r}: use a kind of transfer/flops.py ({names})"
         )
     peak, hbm = entry
@@ -364,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         # Start-up notes (a task's remarks on the config) go to stderr: stdout is the answer alone.
         with contextlib.redirect_stdout(sys.stderr):
             result = _run(args, overrides)
-    except (config_lib.ConfigError, ValueError, FileNotFoundError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.device and not args.json:

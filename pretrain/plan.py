@@ -59,6 +59,7 @@ import ml_collections
 from jax.extend import core as jex_core
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
+from transfer import config as config_lib
 from transfer import flops, optim, sharding, tree
 from transfer import step as step_lib
 
@@ -83,7 +84,7 @@ def parse_mesh(text: str) -> list[tuple[str, int]]:
     for part in text.split(","):
         name, _, size = part.strip().partition(":")
         if not name or not size.strip().lstrip("-").isdigit():
-            raise ValueError(
+            raise config_lib.InputError(
                 f"--mesh {text!r}: expected NAME:SIZE[,NAME:SIZE...], e.g. data:16,fsdp:-1"
             )
         out.append((name.strip(), int(size)))
@@ -96,12 +97,15 @@ def abstract_mesh(mesh_cfg: Sequence[tuple[str, int]], chips: int) -> AbstractMe
     sizes = [int(s) for _, s in mesh_cfg]
     known = math.prod(s for s in sizes if s != -1)
     if sizes.count(-1) > 1 or (-1 in sizes and chips % known):
-        raise ValueError(f"mesh {list(mesh_cfg)} does not fit {chips} chips")
+        raise config_lib.InputError(
+            f"mesh {list(mesh_cfg)} does not fit {chips} chips: change --mesh or --chips"
+        )
     if -1 in sizes:
         sizes[sizes.index(-1)] = chips // known
     if math.prod(sizes) != chips:
-        raise ValueError(
-            f"mesh {list(mesh_cfg)} needs {math.prod(sizes)} chips, the target has {chips}"
+        raise config_lib.InputError(
+            f"mesh {list(mesh_cfg)} needs {math.prod(sizes)} chips, the target has {chips}: "
+            "change --mesh or --chips"
         )
     return AbstractMesh(tuple(sizes), names)
 
@@ -289,7 +293,9 @@ def memory(
     state = abstract_state(config, _task(task_module, config), mesh, example)
     shards = batch_shards(mesh, config)
     if global_batch % shards:
-        raise ValueError(f"batch {global_batch} is not divisible by the {shards} batch shards")
+        raise config_lib.InputError(
+            f"batch {global_batch} is not divisible by the {shards} batch shards: change --batch or --mesh"
+        )
     local = global_batch // shards
     micro = local // int(config.accum_steps)  # activations live per micro-batch
     acts = activation_model(config, task_module, state, example)

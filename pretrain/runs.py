@@ -20,6 +20,7 @@ import ml_collections
 import numpy as np
 
 from transfer import checkpoint, registry, tree
+from transfer import config as config_lib
 
 
 @dataclasses.dataclass
@@ -38,7 +39,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
     """`workdir/config.json`, completed with today's defaults (keys added since the run was made)."""
     path = os.path.join(workdir, "config.json")
     if not os.path.isfile(path):
-        raise FileNotFoundError(
+        raise config_lib.MissingFileError(
             f"{workdir!r} has no config.json: pass the --workdir of a `cappa train` run."
         )
     with open(path) as f:
@@ -65,14 +66,16 @@ def restore_params(workdir: str, step: int | None = None) -> tuple[dict, int]:
     """(params as numpy arrays, step) of the latest or the given checkpoint of `workdir`."""
     steps = checkpoint_steps(workdir)
     if not steps:
-        raise FileNotFoundError(
+        raise config_lib.MissingFileError(
             f"{workdir!r} holds no complete checkpoint (no {os.path.join(workdir, 'checkpoints')} "
             "step directory): train longer than config.ckpt_steps, or pick another workdir."
         )
     if step is None:
         step = steps[-1]
     elif step not in steps:
-        raise ValueError(f"{workdir!r} has no checkpoint at step {step}; available steps: {steps}.")
+        raise config_lib.InputError(
+            f"{workdir!r} has no checkpoint at step {step}; available steps: {steps}."
+        )
     mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
     try:
         meta = mngr.item_metadata(step)["params"]
@@ -127,7 +130,7 @@ def image_size(params: dict, config: Any = None) -> int:
     sizes = re.findall(r"resize\((\d+)\)", pp)
     if sizes:
         return int(sizes[-1])
-    raise ValueError(
+    raise config_lib.InputError(
         "Cannot tell the image resolution of this model (no square learnt position embedding and no "
         "`resize(N)` in config.input.pp): pass it explicitly (e.g. --image_size 224)."
     )
@@ -143,9 +146,9 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
             with Image.open(path) as im:
                 pixels = im.convert("RGB").resize((size, size), Image.BILINEAR)
         except FileNotFoundError:
-            raise FileNotFoundError(f"image {path!r} does not exist.") from None
+            raise config_lib.MissingFileError(f"image {path!r} does not exist.") from None
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot read image {path!r}: {e}") from None
+            raise config_lib.InputError(f"cannot read image {path!r}: {e}") from None
         out[i] = np.asarray(pixels, np.float32) / 127.5 - 1.0
     return out
 
@@ -153,4 +156,6 @@ def load_images(paths: Sequence[str], size: int) -> np.ndarray:
 def require_captioner(run: LoadedRun) -> None:
     """Caption/attention commands need a CapPa run; anything else gets a clear error, not an AttributeError."""
     if not hasattr(run.task, "model") or not hasattr(run.task.model, "txt_kw"):
-        raise ValueError(f"{run.workdir!r} is a {run.config.task!r} run, not a CapPa captioner.")
+        raise config_lib.InputError(
+            f"{run.workdir!r} is a {run.config.task!r} run, not a CapPa captioner: pass a CapPa workdir."
+        )

@@ -40,6 +40,8 @@ from pycocoevalcap.spice import get_stanford_models
 from pycocoevalcap.spice.spice import Spice
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from transfer import config as config_lib
+
 METRICS = ("bleu", "meteor", "rouge", "cider", "spice")
 PTB = "ptb"
 SIMPLE = "simple (no Java)"
@@ -98,26 +100,28 @@ def _examples(ids: Sequence[Hashable], limit: int = 5) -> str:
 def _check_inputs(refs: Mapping, preds: Mapping, subset: bool) -> list[Hashable]:
     """Validates captions and coverage; returns the image ids to score (in `refs` order)."""
     if not preds:
-        raise ValueError("no predictions to score")
+        raise config_lib.InputError("no predictions to score")
     unknown = [i for i in preds if i not in refs]
     if unknown:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{len(unknown)} predicted images have no references: {_examples(unknown)}; "
             "check that predictions and references use the same image ids (and id type)"
         )
     missing = [i for i in refs if i not in preds]
     if missing and not subset:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{len(missing)} images with references have no prediction: {_examples(missing)}; "
             "predict every image, or score only the predicted ones with subset=True (--subset)"
         )
     ids = [i for i in refs if i in preds]
     for i in ids:
         if not isinstance(preds[i], str):
-            raise ValueError(f"prediction for image {i!r} is not a string: {preds[i]!r}")
+            raise config_lib.InputError(f"prediction for image {i!r} is not a string: {preds[i]!r}")
         caps = refs[i]
         if isinstance(caps, str) or not caps or not all(isinstance(c, str) for c in caps):
-            raise ValueError(f"references of image {i!r} must be a non-empty list of strings")
+            raise config_lib.InputError(
+                f"references of image {i!r} must be a non-empty list of strings"
+            )
     return ids
 
 
@@ -154,7 +158,7 @@ def score(
     """
     unknown = [m for m in metrics if m not in METRICS]
     if unknown or not metrics:
-        raise ValueError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
+        raise config_lib.InputError(f"unknown metrics {unknown}; choose from {', '.join(METRICS)}")
     ids = _check_inputs(refs, preds, subset)
     skipped: dict[str, str] = {}
     use_java = java_available()
@@ -207,22 +211,26 @@ def score(
 
 
 def _load_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise config_lib.MissingFileError(f"{path} does not exist (or is not a file).")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise config_lib.InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def _entries(items: Any, path: str, what: str) -> list[tuple[Hashable, str]]:
     if not isinstance(items, list):
-        raise ValueError(f"{path}: expected {what}")
+        raise config_lib.InputError(f"{path}: expected {what}")
     out = []
     for n, item in enumerate(items):
         if not (isinstance(item, dict) and "image_id" in item and "caption" in item):
-            raise ValueError(f"{path}: entry {n} has no 'image_id' and 'caption': {item!r:.100}")
+            raise config_lib.InputError(
+                f"{path}: entry {n} has no 'image_id' and 'caption': {item!r:.100}"
+            )
         if not isinstance(item["caption"], str):
-            raise ValueError(f"{path}: entry {n} has a caption that is not a string")
+            raise config_lib.InputError(f"{path}: entry {n} has a caption that is not a string")
         out.append((item["image_id"], item["caption"]))
     return out
 
@@ -231,7 +239,7 @@ def read_coco_refs(path: str) -> dict[Hashable, list[str]]:
     """{image_id: [captions]} from a COCO captions annotations file ({"annotations": [...]})."""
     data = _load_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{path} is not a COCO annotations file (no 'annotations' list); "
             "a results file ([{'image_id', 'caption'}, ...]) goes to --preds"
         )
@@ -246,7 +254,9 @@ def read_coco_results(path: str) -> dict[Hashable, str]:
     preds: dict[Hashable, str] = {}
     for image_id, caption in _entries(_load_json(path), path, "a list of {image_id, caption}"):
         if image_id in preds:
-            raise ValueError(f"{path}: image {image_id!r} has more than one caption; keep one")
+            raise config_lib.InputError(
+                f"{path}: image {image_id!r} has more than one caption; keep one"
+            )
         preds[image_id] = caption
     return preds
 
@@ -285,7 +295,7 @@ def main(argv: list[str]) -> int:
             per_image=args.per_image,
             subset=args.subset,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(result, indent=2))

@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tasks import fewshot_datasets as table
+from transfer import config as config_lib
 from transfer import contracts
 
 BIAS_FEATURE = 100.0
@@ -134,9 +135,11 @@ def sample_shots(
     become shots and it contributes no held-out example (short_classes="use_all"; reported in `short`).
     """
     if short_classes not in SHORT_CLASSES:
-        raise ValueError(f"short_classes={short_classes!r}: use one of {SHORT_CLASSES}.")
+        raise config_lib.ConfigError(
+            f"short_classes={short_classes!r}: use one of {SHORT_CLASSES}."
+        )
     if k < 1 or holdout_per_class < 0:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"shots must be >= 1 and holdout_per_class >= 0, got {k} and {holdout_per_class}."
         )
     labels = np.asarray(labels)
@@ -151,7 +154,7 @@ def sample_shots(
     short = {int(c): int(n) for c, n in enumerate(counts) if n < k}
     if short and short_classes == "error":
         worst = dict(sorted(short.items(), key=lambda kv: kv[1])[:5])
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"{len(short)} of {num_classes} classes have fewer than {k} train examples (class: count, fewest "
             f"first: {worst}): drop {k} from `shots`, or set short_classes='use_all' to use all examples of "
             "those classes as their shots."
@@ -169,7 +172,7 @@ def choose_l2(
     if len(grid) == 1:
         return grid[0], np.full(1, np.nan)
     if len(holdout_y) == 0:
-        raise ValueError(
+        raise config_lib.ConfigError(
             "no held-out train examples to choose l2 on (holdout_per_class=0, or the shots took every example): "
             "raise holdout_per_class, or give l2_grid a single value."
         )
@@ -180,11 +183,15 @@ def choose_l2(
 
 def _check_protocol(shots: Sequence[int], seeds: Sequence[int], l2_grid: Sequence[float]) -> None:
     if not shots or any(int(k) < 1 for k in shots):
-        raise ValueError(f"shots must be a non-empty list of counts >= 1, got {list(shots)}.")
+        raise config_lib.ConfigError(
+            f"shots must be a non-empty list of counts >= 1, got {list(shots)}."
+        )
     if not seeds:
-        raise ValueError("seeds is empty: give at least one seed.")
+        raise config_lib.ConfigError("seeds is empty: give at least one seed.")
     if not l2_grid or any(not float(v) > 0 for v in l2_grid):
-        raise ValueError(f"l2_grid must be a non-empty list of values > 0, got {list(l2_grid)}.")
+        raise config_lib.ConfigError(
+            f"l2_grid must be a non-empty list of values > 0, got {list(l2_grid)}."
+        )
 
 
 def _one_run(train: tuple, test: tuple, k: int, seed: int, **settings: Any) -> dict[str, Any]:
@@ -218,16 +225,18 @@ def run_protocol(
     train_x, train_y = np.asarray(train[0]), np.asarray(train[1])
     test_x, test_y = np.asarray(test[0]), np.asarray(test[1])
     if train_x.ndim != 2 or test_x.ndim != 2 or train_x.shape[1] != test_x.shape[1]:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"features must be [N, D] with one D for train and test, got {train_x.shape} and {test_x.shape} "
             "(pooling='none' gives tokens: pick a pooling that gives one vector per image)."
         )
     if min(train_y.min(initial=0), test_y.min(initial=0)) < 0:
-        raise ValueError("labels must be >= 0.")
+        raise config_lib.ConfigError("labels must be >= 0.")
     largest = int(max(train_y.max(initial=0), test_y.max(initial=0)))
     num_classes = largest + 1 if num_classes is None else int(num_classes)
     if largest >= num_classes:
-        raise ValueError(f"label {largest} is out of range for num_classes={num_classes}.")
+        raise config_lib.ConfigError(
+            f"label {largest} is out of range for num_classes={num_classes}."
+        )
     out: dict[str, Any] = dict(
         num_classes=num_classes, feature_dim=int(train_x.shape[1]), train_size=len(train_y),
         test_size=len(test_y), shots={},
@@ -264,17 +273,19 @@ def dataset_specs(datasets: Any, data_dir: str | None = None) -> dict[str, dict[
     if not isinstance(datasets, Mapping):
         datasets = {name: {} for name in datasets}
     if not datasets:
-        raise ValueError("no datasets: name at least one (e.g. datasets=('scenes',)).")
+        raise config_lib.ConfigError("no datasets: name at least one (e.g. datasets=('scenes',)).")
     specs = {}
     for name, given in datasets.items():
         given = dict(given or {})
         unknown = sorted(set(given) - set(SPEC_KEYS))
         if unknown:
-            raise ValueError(f"dataset {name!r}: unknown keys {unknown}; valid: {list(SPEC_KEYS)}.")
+            raise config_lib.ConfigError(
+                f"dataset {name!r}: unknown keys {unknown}; valid: {list(SPEC_KEYS)}."
+            )
         spec = {**table.DATASETS.get(name, {}), **given}
         missing = [k for k in SPEC_KEYS if k not in spec and k != "data_dir"]
         if missing:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"dataset {name!r} is not in tasks/fewshot_datasets.py ({sorted(table.DATASETS)}), so it needs "
                 f"all of {list(SPEC_KEYS[:-1])}; missing {missing}."
             )
@@ -337,9 +348,13 @@ class Evaluator:
         cfg = self.cfg
         _check_protocol(cfg["shots"], cfg["seeds"], cfg["l2_grid"])
         if cfg["short_classes"] not in SHORT_CLASSES:
-            raise ValueError(f"short_classes={cfg['short_classes']!r}: use one of {SHORT_CLASSES}.")
+            raise config_lib.ConfigError(
+                f"short_classes={cfg['short_classes']!r}: use one of {SHORT_CLASSES}."
+            )
         if "img" not in param_shardings:
-            raise ValueError("the few-shot evaluator needs a task with an image tower `img/...`.")
+            raise config_lib.ConfigError(
+                "the few-shot evaluator needs a task with an image tower `img/...`."
+            )
         data_dir = dict(config.input.data).get("data_dir")
         self.specs = dataset_specs(cfg["datasets"], data_dir)
         for spec in self.specs.values():  # Fail at start-up, not at the first evaluation.
@@ -349,7 +364,7 @@ class Evaluator:
             self.batch_size, ctx.mesh, ctx.batch_axes(), "few-shot batch_size"
         )
         if cfg["pooling"] == "none":
-            raise ValueError(
+            raise config_lib.ConfigError(
                 "pooling='none' gives all tokens; a few-shot probe needs one vector per image."
             )
         fn = features.features_fn(features.vit_kwargs(config), cfg["layer"], cfg["pooling"])

@@ -25,6 +25,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from tasks import fewshot
+from transfer import config as config_lib
 
 REPORT_FILES = ("fewshot.md", "fewshot.json", "fewshot.png")
 
@@ -33,8 +34,6 @@ REPORT_FILES = ("fewshot.md", "fewshot.json", "fewshot.png")
 def load_config(path: str, overrides: Mapping[str, Any]) -> Any:
     """The probe config of `path[:arg]`, completed with `fewshot.PROBE_DEFAULTS`, overrides applied."""
     import ml_collections
-
-    from transfer import config as config_lib
 
     defaults = dict(fewshot.PROBE_DEFAULTS)
     user = config_lib.load_config_file(path).to_dict()
@@ -69,8 +68,8 @@ def _resolution(config: Any, tower: Any) -> int:
         run_config = runs.read_config(tower.source)
     try:
         return runs.image_size({"img": tower.params}, run_config)
-    except ValueError:
-        raise ValueError(
+    except config_lib.InputError:
+        raise config_lib.ConfigError(
             "cannot tell the tower's resolution (no square learnt position embedding, no resize(N) in the "
             "run's input.pp): set --config.resolution=224 (or the size it was trained at)."
         ) from None
@@ -117,7 +116,7 @@ def probe(
     from pretrain import features
 
     if config.pooling == "none":
-        raise ValueError(
+        raise config_lib.ConfigError(
             "pooling='none' gives all tokens; a few-shot probe needs one vector per image."
         )
     specs = fewshot.dataset_specs(dict(config.datasets))
@@ -260,28 +259,37 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _model_arg(text: str | None) -> dict | None:
+    """--model: a ViT config as a dict literal, or None."""
+    if not text:
+        return None
+    try:
+        model = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        model = None
+    if not isinstance(model, dict):
+        raise config_lib.InputError(
+            f"--model must be a dict literal such as \"{{'variant': 'B/16'}}\", got {text!r}"
+        )
+    return model
+
+
 def main(argv: list[str]) -> int:
     """Entry point of `cappa probe`; returns the exit code (2 = bad input, message on stderr)."""
-    from transfer import config as config_lib
-
     try:
         argv, overrides = config_lib.split_cli_overrides(argv)
     except config_lib.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     args = _parser().parse_args(argv)
-    from transfer import input_pipeline
-
     try:
-        model = ast.literal_eval(args.model) if args.model else None
-        if model is not None and not isinstance(model, dict):
-            raise ValueError(f"--model must be a dict literal, got {args.model!r}")
+        model = _model_arg(args.model)
         config = load_config(args.config, overrides)
         out = _out_dir(args.checkpoint, args.out)
         report = probe(
             args.checkpoint, config, out, step=args.step, model=model, npz_prefix=args.npz_prefix
         )
-    except (ValueError, SyntaxError, FileNotFoundError, input_pipeline.DataNotPreparedError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     import jax

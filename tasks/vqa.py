@@ -33,6 +33,7 @@ import numpy as np
 
 from pretrain import cappa_task, prefix_lm
 from tasks import report_utils, vqa_eval, vqa_pp
+from transfer import config as config_lib
 
 DEFAULTS = dict(
     cappa_task.DEFAULTS,
@@ -50,7 +51,7 @@ class Task(cappa_task.Task):
 
     def __init__(self, config: Any):
         if float(config.masked_pred_prob) != 0.0:
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"tasks.vqa trains the answer after a question prefix; masked_pred_prob must be 0, "
                 f"got {config.masked_pred_prob}."
             )
@@ -58,7 +59,7 @@ class Task(cappa_task.Task):
         self.prefix_key = config.prefix_key
         lengths = int(config.question_len) + int(config.answer_len)
         if lengths > int(config.model.txt.max_len):
-            raise ValueError(
+            raise config_lib.ConfigError(
                 f"question_len ({config.question_len}) + answer_len ({config.answer_len}) = {lengths} "
                 f"> model.txt.max_len ({config.model.txt.max_len}): shorten them."
             )
@@ -128,9 +129,11 @@ def answer_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     run = runs.load_run(args.checkpoint, args.step, args.tokenizer)
     if not isinstance(run.task, Task):
-        raise ValueError(f"{run.workdir!r} is a {run.config.task!r} run, not a tasks.vqa run.")
+        raise config_lib.InputError(
+            f"{run.workdir!r} is a {run.config.task!r} run, not a tasks.vqa run."
+        )
     if run.tokenizer is None:
-        raise ValueError(
+        raise config_lib.InputError(
             f"the run in {args.checkpoint!r} has no config.tokenizer: pass --tokenizer."
         )
     size = args.image_size or runs.image_size(run.params, run.config)
@@ -157,7 +160,7 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     try:
         results = answer_questions(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     for r in results:

@@ -37,10 +37,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import sys
 from collections.abc import Hashable, Mapping, Sequence
 from typing import Any
+
+from transfer import config as config_lib
 
 PUNCTUATION = tuple(';/[]"{}()=+\\_-><@`,?!')
 _NUMBERS = "zero one two three four five six seven eight nine ten".split()
@@ -141,33 +144,39 @@ def _check(
 ) -> list[Hashable]:
     """Validates answers and coverage; returns the question ids to score (in `annotations` order)."""
     if not predictions:
-        raise ValueError("no predictions to score")
+        raise config_lib.InputError("no predictions to score")
     unknown = [q for q in predictions if q not in annotations]
     if unknown:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{len(unknown)} predicted questions have no annotation: {_examples(unknown)}; "
             "check that predictions and annotations use the same question ids (and id type)"
         )
     missing = [q for q in annotations if q not in predictions]
     if missing and not subset:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{len(missing)} annotated questions have no prediction: {_examples(missing)}; "
             "answer every question, or score only the answered ones with subset=True (--subset)"
         )
     ids = [q for q in annotations if q in predictions]
     for q in ids:
         if not isinstance(predictions[q], str):
-            raise ValueError(f"prediction for question {q!r} is not a string: {predictions[q]!r}")
+            raise config_lib.InputError(
+                f"prediction for question {q!r} is not a string: {predictions[q]!r}"
+            )
         ann = annotations[q]
         answers = ann.answers
         if isinstance(answers, str) or not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"answers of question {q!r} must be a non-empty list of strings")
+            raise config_lib.InputError(
+                f"answers of question {q!r} must be a non-empty list of strings"
+            )
         if not isinstance(ann.answer_type, str):
-            raise ValueError(f"answer type of question {q!r} is not a string: {ann.answer_type!r}")
+            raise config_lib.InputError(
+                f"answer type of question {q!r} is not a string: {ann.answer_type!r}"
+            )
     with_type = [q for q in ids if annotations[q].question_type is not None]
     if with_type and len(with_type) < len(ids):
         without = [q for q in ids if annotations[q].question_type is None]
-        raise ValueError(
+        raise config_lib.InputError(
             f"{len(without)} questions have no question type, e.g. {_examples(without)}, while "
             f"{len(with_type)} have one; give a question type to all questions or to none"
         )
@@ -252,21 +261,25 @@ def score_lists(
 
 
 def _load_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        raise config_lib.MissingFileError(f"{path} does not exist (or is not a file).")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
+            raise config_lib.InputError(f"{path} is not valid JSON: {e}") from None
 
 
 def _answers_of(entry: dict, path: str, n: int) -> tuple[str, ...]:
     answers = entry["answers"]
     if not isinstance(answers, list) or not answers:
-        raise ValueError(f"{path}: annotation {n} has no list of answers")
+        raise config_lib.InputError(f"{path}: annotation {n} has no list of answers")
     out = []
     for a in answers:
         if not (isinstance(a, dict) and isinstance(a.get("answer"), str)):
-            raise ValueError(f"{path}: annotation {n} has an answer without an 'answer' string")
+            raise config_lib.InputError(
+                f"{path}: annotation {n} has an answer without an 'answer' string"
+            )
         out.append(a["answer"])
     return tuple(out)
 
@@ -279,7 +292,7 @@ def read_vqa_annotations(
     questions file ({"questions": [{question_id, question}]}) when given; its ids must match."""
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
-        raise ValueError(
+        raise config_lib.InputError(
             f"{path} is not a VQA annotations file (no 'annotations' list); "
             "a results file ([{'question_id', 'answer'}, ...]) goes to --preds"
         )
@@ -288,10 +301,12 @@ def read_vqa_annotations(
     for n, entry in enumerate(data["annotations"]):
         needed = ("question_id", "answers", "answer_type")
         if not (isinstance(entry, dict) and all(k in entry for k in needed)):
-            raise ValueError(f"{path}: annotation {n} lacks one of {needed}: {entry!r:.100}")
+            raise config_lib.InputError(
+                f"{path}: annotation {n} lacks one of {needed}: {entry!r:.100}"
+            )
         q = entry["question_id"]
         if q in out:
-            raise ValueError(f"{path}: question {q!r} is annotated more than once")
+            raise config_lib.InputError(f"{path}: question {q!r} is annotated more than once")
         out[q] = VqaAnnotation(
             _answers_of(entry, path, n),
             entry["answer_type"],
@@ -302,7 +317,7 @@ def read_vqa_annotations(
         unasked = [q for q in out if q not in texts]
         extra = [q for q in texts if q not in out]
         if unasked or extra:
-            raise ValueError(
+            raise config_lib.InputError(
                 f"{questions_path} does not match {path}: {len(unasked)} annotated questions "
                 f"missing ({_examples(unasked)}), {len(extra)} not annotated ({_examples(extra)}); "
                 "use the questions file of the same split"
@@ -314,11 +329,11 @@ def read_vqa_questions(path: str) -> dict[Hashable, str]:
     """{question_id: question} from a VQAv2 questions file ({"questions": [...]})."""
     data = _load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("questions"), list):
-        raise ValueError(f"{path} is not a VQA questions file (no 'questions' list)")
+        raise config_lib.InputError(f"{path} is not a VQA questions file (no 'questions' list)")
     out: dict[Hashable, str] = {}
     for n, entry in enumerate(data["questions"]):
         if not (isinstance(entry, dict) and "question_id" in entry and "question" in entry):
-            raise ValueError(f"{path}: entry {n} has no 'question_id' and 'question'")
+            raise config_lib.InputError(f"{path}: entry {n} has no 'question_id' and 'question'")
         out[entry["question_id"]] = entry["question"]
     return out
 
@@ -327,19 +342,25 @@ def read_vqa_results(path: str) -> dict[Hashable, str]:
     """{question_id: answer} from a VQA results file ([{"question_id", "answer"}, ...], one each)."""
     data = _load_json(path)
     if not isinstance(data, list):
-        raise ValueError(
+        raise config_lib.InputError(
             f"{path}: expected a results list [{{'question_id', 'answer'}}, ...]; "
             "an annotations file goes to --annotations"
         )
     out: dict[Hashable, str] = {}
     for n, entry in enumerate(data):
         if not (isinstance(entry, dict) and "question_id" in entry and "answer" in entry):
-            raise ValueError(f"{path}: entry {n} has no 'question_id' and 'answer': {entry!r:.100}")
+            raise config_lib.InputError(
+                f"{path}: entry {n} has no 'question_id' and 'answer': {entry!r:.100}"
+            )
         q, answer = entry["question_id"], entry["answer"]
         if not isinstance(answer, str):
-            raise ValueError(f"{path}: the answer to question {q!r} is not a string: {answer!r}")
+            raise config_lib.InputError(
+                f"{path}: the answer to question {q!r} is not a string: {answer!r}"
+            )
         if q in out:
-            raise ValueError(f"{path}: question {q!r} is answered more than once; keep one")
+            raise config_lib.InputError(
+                f"{path}: question {q!r} is answered more than once; keep one"
+            )
         out[q] = answer
     return out
 
@@ -388,7 +409,7 @@ def main(argv: list[str]) -> int:
             per_question=args.per_question,
             subset=args.subset,
         )
-    except (ValueError, FileNotFoundError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(_rounded(result, args.digits), indent=2))

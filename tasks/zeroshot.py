@@ -30,6 +30,8 @@ from typing import Any
 
 import numpy as np
 
+from transfer import config as config_lib
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -45,12 +47,12 @@ def read_entries(path: str, what: str) -> list[str]:
     """The non-blank, non-comment lines of a text file, stripped; an empty list is an error."""
     resolved = resolve_path(path)
     if not os.path.isfile(resolved):
-        raise FileNotFoundError(f"{what} file {path!r} does not exist.")
+        raise config_lib.MissingFileError(f"{what} file {path!r} does not exist.")
     with open(resolved, encoding="utf-8") as f:
         entries = [line.strip() for line in f]
     entries = [e for e in entries if e and not e.startswith("#")]
     if not entries:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{what} file {path!r} has no entries: write one per line (blank lines and lines "
             "starting with '#' are skipped)."
         )
@@ -60,15 +62,15 @@ def read_entries(path: str, what: str) -> list[str]:
 def check_class_names(names: Sequence[str], where: str) -> list[str]:
     """Non-empty, distinct strings (a repeated class would make the argmax ambiguous)."""
     if isinstance(names, str) or not names:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{where}: class names must be a non-empty list of strings, got {names!r}."
         )
     names = [str(n).strip() for n in names]
     if not all(names):
-        raise ValueError(f"{where}: class names must not be empty strings.")
+        raise config_lib.InputError(f"{where}: class names must not be empty strings.")
     repeated = sorted(n for n, count in collections.Counter(names).items() if count > 1)
     if repeated:
-        raise ValueError(f"{where}: repeated class names {repeated}; make each unique.")
+        raise config_lib.InputError(f"{where}: repeated class names {repeated}; make each unique.")
     return names
 
 
@@ -77,7 +79,9 @@ def check_templates(templates: Sequence[str], where: str) -> list[str]:
     if isinstance(templates, str):
         templates = [templates]
     if not templates:
-        raise ValueError(f"{where}: no templates; give at least one, e.g. ['a photo of a {{}}.'].")
+        raise config_lib.InputError(
+            f"{where}: no templates; give at least one, e.g. ['a photo of a {{}}.']."
+        )
     for i, template in enumerate(templates):
         bad = template.count("{}") != 1
         if not bad:
@@ -86,7 +90,7 @@ def check_templates(templates: Sequence[str], where: str) -> list[str]:
             except (IndexError, KeyError, ValueError):
                 bad = True
         if bad:
-            raise ValueError(
+            raise config_lib.InputError(
                 f"{where}: template {i + 1} {template!r} must contain '{{}}' exactly once (where the "
                 "class name goes) and no other braces, e.g. 'a photo of a {}.'."
             )
@@ -105,7 +109,7 @@ def read_templates(path: str) -> list[str]:
 def require_embedder(task: Any, what: str) -> None:
     missing = [m for m in ("embed_images", "embed_texts", "similarity") if not hasattr(task, m)]
     if missing:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{what} has no {missing}: zero-shot and retrieval need a task that embeds images and texts "
             "(e.g. tasks.siglit)."
         )
@@ -118,7 +122,7 @@ def text_max_len(task: Any, config: Any) -> int:
         txt = (config.get("model") or {}).get("txt") or {}
         value = txt.get("max_len")
     if not value:
-        raise ValueError(
+        raise config_lib.ConfigError(
             "Cannot tell the text tower's max_len: set max_len in the evaluator config."
         )
     return int(value)
@@ -164,7 +168,7 @@ def resolve_class_names(cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> 
         k for k in ("class_names", "class_names_file", "class_names_from") if cfg.get(k) is not None
     ]
     if len(given) != 1:
-        raise ValueError(
+        raise config_lib.ConfigError(
             f"zeroshot_embed evaluator: set exactly one of class_names, class_names_file and "
             f"class_names_from (got {given or 'none'})."
         )
@@ -179,7 +183,9 @@ def resolve_class_names(cfg: Mapping[str, Any], data_cfg: Mapping[str, Any]) -> 
 def resolve_templates(cfg: Mapping[str, Any]) -> list[str]:
     """`templates` (a list) or `templates_file`; neither: the bare class name ("{}")."""
     if cfg.get("templates") is not None and cfg.get("templates_file"):
-        raise ValueError("zeroshot_embed evaluator: set templates or templates_file, not both.")
+        raise config_lib.ConfigError(
+            "zeroshot_embed evaluator: set templates or templates_file, not both."
+        )
     if cfg.get("templates_file"):
         return read_templates(cfg["templates_file"])
     return check_templates(list(cfg.get("templates") or ["{}"]), "zeroshot_embed templates")
@@ -213,7 +219,7 @@ def classify_files(args: argparse.Namespace) -> list[dict[str, Any]]:
     run = runs.load_run(args.checkpoint, args.step, args.tokenizer)
     require_embedder(run.task, f"the {run.config.task!r} run in {args.checkpoint!r}")
     if run.tokenizer is None:
-        raise ValueError(
+        raise config_lib.InputError(
             f"the run in {args.checkpoint!r} has no config.tokenizer: pass --tokenizer PATH.model"
         )
     max_len = args.max_len or text_max_len(run.task, run.config)
@@ -250,7 +256,7 @@ def main(argv: list[str]) -> int:
         return 2
     try:
         results = classify_files(args)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
     for result in results:

@@ -66,7 +66,7 @@ def test_captions_from_dataset_reads_nested_lists_and_literal_slash_keys(corpus,
     # "image/filename" is one feature whose name contains "/", not a nested path.
     names = list(tokenizer.captions_from_dataset(scenes_cfg, key="image/filename", limit=3))
     assert names == [ex["image/filename"].decode() for ex in examples[:3]]
-    with pytest.raises(KeyError, match="no feature 'captions/txt'.*captions/text"):
+    with pytest.raises(ValueError, match="no feature 'captions/txt'.*captions/text"):
         next(tokenizer.captions_from_dataset(scenes_cfg, key="captions/txt"))
 
 

@@ -286,7 +286,7 @@ def test_cli_prints_official_style_percentages(tmp_path, capsys):
             ),
             "4 annotated questions missing",
         ),
-        (lambda p: p["q"].unlink(), "No such file"),
+        (lambda p: p["q"].unlink(), "does not exist"),
     ],
 )
 def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, break_it, message):

@@ -34,6 +34,11 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the config or command line names does not exist."""
 
 
+class InputError(UserError, ValueError):
+    """A command-line argument or an input the user named (an image, a JSON file, a run) that cannot be used:
+    the message says which and what would work."""
+
+
 def engine_defaults() -> ml_collections.ConfigDict:
     """Every engine knob with its default. big_vision's names where they exist."""
     c = ml_collections.ConfigDict()

@@ -59,7 +59,7 @@ def _read_model(path: str) -> spm.SentencePieceProcessor:
     try:
         return spm.SentencePieceProcessor(model_proto=data)
     except RuntimeError as e:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{path!r} ({len(data)} bytes) is not a valid SentencePiece model (a `.model` file is "
             f"expected, not the `.vocab` text file): {str(e).strip()}"
         ) from None
@@ -68,13 +68,13 @@ def _read_model(path: str) -> spm.SentencePieceProcessor:
 def _pick_id(name: str, explicit: int | None, from_model: int, vocab_size: int, path: str) -> int:
     value = from_model if explicit is None else int(explicit)
     if value < 0:
-        raise ValueError(
+        raise config_lib.InputError(
             f"SentencePiece model {path!r} has no {name} piece; pass {name}_id explicitly "
             f"(an id in [0, {vocab_size}) that the model never produces for text, e.g. a "
             "control or unused piece)."
         )
     if value >= vocab_size:
-        raise ValueError(
+        raise config_lib.InputError(
             f"{name}_id {value} is outside the vocabulary [0, {vocab_size}) of {path!r}"
         )
     return value
@@ -90,7 +90,7 @@ class Tokenizer:
         self._pad_id = _pick_id("pad", pad_id, self.processor.pad_id(), size, self.path)
         self._eos_id = _pick_id("eos", eos_id, self.processor.eos_id(), size, self.path)
         if self._pad_id == self._eos_id:
-            raise ValueError(
+            raise config_lib.InputError(
                 f"pad_id and eos_id are both {self._pad_id} for {self.path!r}; they must differ "
                 "(the loss mask `ids != pad_id` has to keep EOS)."
             )
@@ -111,7 +111,7 @@ class Tokenizer:
         """int32 [N, max_len]: pieces, EOS, pad...; truncation keeps EOS last. A single string
         gives N=1. Empty text gives a lone EOS (the `tokenize` pp op drops such examples)."""
         if max_len < 1:
-            raise ValueError(f"max_len must be >= 1 (room for EOS), got {max_len}")
+            raise config_lib.InputError(f"max_len must be >= 1 (room for EOS), got {max_len}")
         if isinstance(texts, str | bytes):
             texts = [texts]
         texts = [t.decode("utf-8") if isinstance(t, bytes) else str(t) for t in texts]
@@ -194,14 +194,14 @@ def train_tokenizer(
     `normalization_rule_name="nmt_nfkc_cf"` to lower-case, `split_digits=True`).
     """
     if model_type not in MODEL_TYPES:
-        raise ValueError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
+        raise config_lib.InputError(f"model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     reserved = sorted(set(options) & set(_RESERVED_OPTIONS))
     if reserved:
-        raise ValueError(f"options {reserved} are fixed by the tokenizer conventions")
+        raise config_lib.InputError(f"options {reserved} are fixed by the tokenizer conventions")
     iterator = iter(texts)
     first = next(iterator, None)
     if first is None:
-        raise ValueError("No texts to train the tokenizer on (the iterator is empty).")
+        raise config_lib.InputError("No texts to train the tokenizer on (the iterator is empty).")
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -223,7 +223,7 @@ def train_tokenizer(
             **options,
         )
     except RuntimeError as e:
-        raise ValueError(f"SentencePiece training failed: {str(e).strip()}") from None
+        raise config_lib.InputError(f"SentencePiece training failed: {str(e).strip()}") from None
     _write_atomically(out_path, model.getvalue())
     return Tokenizer(out_path)
 
@@ -279,7 +279,7 @@ def captions_from_dataset(
         try:
             value = _lookup(example, key)
         except KeyError:
-            raise KeyError(
+            raise config_lib.InputError(
                 f"Dataset {data_cfg['name']!r} has no feature {key!r}; "
                 f"features: {_flat_keys(example)}"
             ) from None
@@ -355,6 +355,6 @@ def main(argv: list[str]) -> int:
             max_len = args.max_len or len(tok.processor.encode(text)) + 1
             print(json.dumps(tok.encode(text, max_len)[0].tolist()))
         return 0
-    except (ValueError, KeyError, FileNotFoundError, RuntimeError) as e:
+    except config_lib.UserError as e:  # Ours only: any other error is a bug, with its traceback.
         print(f"error: {e}", file=sys.stderr)
         return 2
