@@ -40,6 +40,24 @@ def per_layer(stack: Mapping[str, Any], module: str) -> list[jax.Array]:
     return [stack[f"block_{i}"][module]["attention"][0] for i in index]
 
 
+def num_layers(stack: Mapping[str, Any]) -> int:
+    """Layers of an encoder or decoder stack's parameters (looped ``block_{i}`` or scanned ``blocks``)."""
+    if "blocks" in stack:
+        return int(jax.tree.leaves(stack["blocks"])[0].shape[0])
+    return sum(1 for k in stack if re.fullmatch(r"block_\d+", k))
+
+
+def check_layer(layer: int, params: Mapping[str, Any]) -> None:
+    """``--layer`` indexes both the encoder and the decoder: an InputError naming the valid range if it is out."""
+    enc, dec = num_layers(params["img"]["encoder"]), num_layers(params["txt"]["decoder"])
+    n = min(enc, dec)
+    if not -n <= layer < n:
+        raise config_lib.InputError(
+            f"--layer {layer} is out of range: the encoder has {enc} layers and the decoder {dec}; "
+            f"pass a layer in {-n}..{n - 1} (negative counts from the last)"
+        )
+
+
 def capture(model: Any, params: Any, images: jax.Array, tokens: jax.Array | None = None) -> dict:
     """-> {"encoder": [layers][B,H,N,N]} and, with caption ``tokens`` [B,T] (labels: pieces, EOS, pad),
     {"cross": [layers][B,H,T,N]} of the teacher-forced Cap branch (query t = predicting token t)."""
@@ -138,6 +156,7 @@ def _attention_command(args: argparse.Namespace) -> int:
     run = runs.load_run(args.checkpoint)
     runs.require_captioner(run)
     model, params = run.task.model, run.params
+    check_layer(args.layer, params)
     size = runs.image_size(params, run.config)
     images = runs.load_images(args.images, size)
     grid = (images.shape[1] // _patch(model)[0], images.shape[2] // _patch(model)[1])

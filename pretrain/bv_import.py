@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from transfer import tree
+from transfer.config import InputError
 
 # big_vision module path -> ours. Leaf names (kernel, bias, scale) and array layouts are the same on both sides:
 # attention kernels are [width, heads, head_dim] and out is [heads, head_dim, width] in both.
@@ -58,7 +59,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic not in _ZIP_MAGIC:
-        raise ValueError(
+        raise InputError(
             f"{path} is not an .npz file (a zip archive of .npy arrays, as np.savez writes)."
         )
     out = {}
@@ -67,7 +68,7 @@ def read_npz(path: str) -> dict[str, np.ndarray]:
             for key in npz.files:
                 out[key] = _read_member(npz, key, path)
     except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise ValueError(f"{path} is not a readable .npz file: {e}") from None
+        raise InputError(f"{path} is not a readable .npz file: {e}") from None
     return out
 
 
@@ -75,12 +76,12 @@ def _read_member(npz: Any, key: str, path: str) -> np.ndarray:
     try:
         arr = npz[key]
     except ValueError as e:
-        raise ValueError(
+        raise InputError(
             f"{path}: array {key!r} cannot be read with allow_pickle=False ({e}). Object arrays need "
             "unpickling, which can run arbitrary code, so they are refused; parameters are plain arrays."
         ) from None
     if not isinstance(arr, np.ndarray):
-        raise ValueError(f"{path}: member {key!r} is not a .npy array.")
+        raise InputError(f"{path}: member {key!r} is not a .npy array.")
     return arr
 
 

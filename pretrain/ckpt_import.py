@@ -54,6 +54,7 @@ from flax import serialization
 from pretrain import bv_import, clipjax_import
 from transfer import tree
 from transfer.checkpoint import CheckpointMismatchError
+from transfer.config import ConfigError, InputError, MissingFileError
 
 _BV_DEC_BLOCK = {
     "LayerNorm1": "norm_self_pre",
@@ -82,13 +83,13 @@ def read_flat(path: str) -> tuple[dict[str, np.ndarray], dict]:
     if os.path.isdir(path):
         if clipjax_import.is_run_dir(path):
             return clipjax_import.read_run(path)
-        raise ValueError(
+        raise InputError(
             f"{path} is a directory but not a clip-jax run (config.json with vision_config, and "
             "<step>/default orbax items). A run of ours is loaded by the engine (config.model_init = its "
             "workdir, with checkpoints/<step>/params inside); files: big_vision .npz, flax msgpack."
         )
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint file {path!r} does not exist")
+        raise MissingFileError(f"checkpoint file {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(4)
     if head in bv_import._ZIP_MAGIC:
@@ -98,12 +99,12 @@ def read_flat(path: str) -> tuple[dict[str, np.ndarray], dict]:
     try:
         restored = serialization.msgpack_restore(data)
     except Exception as e:  # msgpack raises several unrelated types on garbage
-        raise ValueError(
+        raise InputError(
             f"{path} is neither an .npz file nor a flax msgpack file ({type(e).__name__}: {e}). Supported: "
             "np.savez of flattened 'a/b/c' names, flax.serialization.msgpack_serialize of a parameter tree."
         ) from None
     if not isinstance(restored, Mapping):
-        raise ValueError(
+        raise InputError(
             f"{path}: the msgpack file holds a {type(restored).__name__}, not a parameter tree"
         )
     flat = clipjax_import.unbox({k: np.asarray(v) for k, v in tree.flatten(restored).items()})
@@ -170,12 +171,12 @@ _FORMATS = {  # name: (marker names, converter); the first format with a marker 
 
 
 def detect_format(names: Sequence[str]) -> str:
-    """Which supported layout a set of (prefix-stripped) names is in; ValueError naming what was seen if none."""
+    """Which supported layout a set of (prefix-stripped) names is in; InputError naming what was seen if none."""
     have = set(names)
     for fmt, (markers, _) in _FORMATS.items():
         if any(m in have for m in markers):
             return fmt
-    raise ValueError(
+    raise InputError(
         f"cannot tell the checkpoint format: no known marker name is present (top-level names: {_tops(names)}). "
         f"Known formats: {list(_FORMATS)}. Check prefix, the sub-tree of the file to load."
     )
@@ -192,7 +193,7 @@ def _subtree(flat: Mapping[str, np.ndarray], prefix: str) -> str:
     for cand in [pre, "params/" + pre] + aliases + ["params/" + a for a in aliases]:
         if any(n.startswith(cand) for n in flat):
             return cand
-    raise ValueError(
+    raise InputError(
         f"no checkpoint name starts with prefix {prefix!r}; top-level names: {_tops(flat)}"
     )
 
@@ -213,7 +214,7 @@ def _map_names(flat: Mapping[str, np.ndarray], prefix: str) -> tuple[str, dict, 
             unknown.append(name)
         for ours, arr in pairs:
             if ours in mapped:
-                raise ValueError(f"{name} and {sorted(origin[ours])} both map to {ours}")
+                raise InputError(f"{name} and {sorted(origin[ours])} both map to {ours}")
             mapped[ours], origin[ours] = np.asarray(arr), {name}
     if fmt.startswith("clip_jax"):
         clipjax_import.fill_scales(fmt, mapped, origin, unknown)
@@ -237,7 +238,9 @@ def _stack(mapped: dict, origin: dict, target: Sequence[str]) -> tuple[dict, dic
             out[p], out_origin[p] = arr, origin[p]
     for p, by_layer in layers.items():
         if sorted(by_layer) != list(range(len(by_layer))):
-            raise ValueError(f"{p}: the checkpoint has layers {sorted(by_layer)}, not 0..n-1")
+            raise CheckpointMismatchError(
+                f"{p}: the checkpoint has layers {sorted(by_layer)}, not 0..n-1"
+            )
         out[p] = np.stack([by_layer[i][0] for i in range(len(by_layer))])
         out_origin[p] = set().union(*(o for _, o in by_layer.values()))
     return out, out_origin
@@ -398,7 +401,7 @@ def load_into(
     pre = f"{dst}/" if dst else ""
     target = {p[len(pre) :]: v for p, v in flat_params.items() if p.startswith(pre)}
     if not target:
-        raise ValueError(f"params holds nothing under dst_prefix {dst_prefix!r}")
+        raise ConfigError(f"params holds nothing under dst_prefix {dst_prefix!r}")
     sub = _subtree(flat_ckpt, prefix)
     mapped, origin, other_tower = _one_tower(fmt, sub, list(flat_ckpt), mapped, origin, target)
     mapped, origin = _stack(mapped, origin, list(target))

@@ -24,6 +24,8 @@ from typing import Any
 import numpy as np
 
 from transfer import tree
+from transfer.checkpoint import CheckpointMismatchError
+from transfer.config import InputError
 
 _NORMS = {"mlp/pre_mlp_norm": "norm_mlp_pre", "mlp/mid_mlp_norm": "mlp/norm_mid", "mlp": "mlp"}
 VIT_BLOCK = {
@@ -102,7 +104,7 @@ def read_run(path: str, step: int | None = None) -> tuple[dict[str, np.ndarray],
     meta = ckptr.metadata(item_dir)
     meta = getattr(getattr(meta, "item_metadata", meta), "tree", meta)
     if not isinstance(meta, Mapping) or "params" not in meta:
-        raise ValueError(f"{item_dir} holds no 'params' item (top level: {sorted(meta or [])})")
+        raise InputError(f"{item_dir} holds no 'params' item (top level: {sorted(meta or [])})")
     item = {"params": meta["params"]}
     args = ocp.args.PyTreeRestore(
         item=item,
@@ -223,7 +225,9 @@ def fill_scales(fmt: str, mapped: dict, origin: dict, unknown: list) -> None:
         if re.search(r"/(norm_query|norm_key|position_embeds_(height|width))\b", n)
     ]
     if odd:
-        raise ValueError(f"clip-jax parameters without an equivalent in our model: {odd[:6]}")
+        raise CheckpointMismatchError(
+            f"clip-jax parameters without an equivalent in our model: {odd[:6]}"
+        )
     if fmt == "clip_jax":
         _fill(mapped, origin, "img/", "encoder", "img/embedding/kernel", _VIT_PRE)
         _fill(mapped, origin, "txt/", "decoder", "txt/embedding/embedding", _DEC_PRE)

@@ -3,6 +3,7 @@ any other exception (a bug) propagate with its traceback. Nothing is trained: th
 model is built, and the bugs are injected."""
 
 import importlib
+import os
 
 import pytest
 
@@ -110,3 +111,33 @@ def _scoring_files(command, tmp_path):
     )
     preds.write_text(json.dumps([{"question_id": 1, "answer": "red"}]))
     return ["--annotations", str(refs), "--preds", str(preds)]
+
+
+def test_probe_of_an_npz_with_a_wrong_npz_prefix_is_one_line(capsys, tmp_path):
+    """A big_vision file (tests/fixtures/big_vision/siglip.npz) and a sub-tree it does not hold."""
+    model = "{'width': 64, 'depth': 2, 'mlp_dim': 128, 'num_heads': 4, 'patch_size': 8, 'image_size': 32}"
+    npz = os.path.join(os.path.dirname(__file__), "fixtures", "big_vision", "siglip.npz")
+    argv = ["--checkpoint", npz, "--config", "configs/fewshot.py"]
+    argv += ["--model", model, "--npz_prefix", "nope", "--out", str(tmp_path)]
+    assert cli.main(["probe", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "prefix 'nope'" in err and "params" in err, err
+    assert "\n" not in err and "Traceback" not in err
+
+
+def test_attention_layer_out_of_range_is_one_line(capsys, monkeypatch):
+    """--layer past the run's layers names the valid range (checked before any image is read)."""
+    from types import SimpleNamespace
+
+    from pretrain import runs
+
+    blocks = {"block_0": {}, "block_1": {}}
+    run = SimpleNamespace(
+        task=SimpleNamespace(model=SimpleNamespace(txt_kw={})),
+        params={"img": {"encoder": dict(blocks)}, "txt": {"decoder": dict(blocks)}},
+    )
+    monkeypatch.setattr(runs, "load_run", lambda *a, **k: run)
+    assert cli.main(["attention", "--checkpoint", MISSING, "--layer", "2", "cat.jpg"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --layer 2 is out of range") and "-2..1" in err, err
+    assert "\n" not in err and "Traceback" not in err
