@@ -28,7 +28,7 @@ def test_every_stage_finished_and_wrote_its_outputs(smoke):
     assert os.path.isfile(os.path.join(smoke, "tokenizer", "scenes_bpe96.model"))
     pngs = json.loads(_read(smoke, "attention/result.json"))["pngs"]
     assert len(pngs) == 2
-    samples = _read(smoke, "caption/run/captions/caption_samples.html")
+    samples = _read(smoke, "caption/pretrain/run/captions/caption_samples.html")
     assert samples.count("<img ") == 16  # the whole scenes/tiny validation split
 
 
@@ -44,37 +44,63 @@ def test_report_numbers_are_summary_numbers(smoke):
         "OCR (frozen tower)",
     } <= transfers
     verdict = summary["tower_vs_random"]
-    compared = [r for r in headline if r["baseline_is"] == "random-init tower"]
-    assert verdict["rows"] == len(compared) > 0
-    assert verdict["pretrained_better"] == sum(r["model"] > r["baseline"] for r in compared)
+    compared = [r for r in headline if r["verdict"] is not None]
+    assert (
+        verdict["rows"] == len(compared) == len(headline)
+    )  # every transfer has its random-tower twin
+    assert verdict["won"] == sum(r["verdict"] == "won" for r in compared)
     assert report.verdict_text(verdict) in md
     lines = md.splitlines()
     for row in headline:  # each row appears verbatim, formatted from summary.json
-        cells = [
-            row["transfer"],
-            row["metric"],
-            report.fmt(row["model"]),
-            report.fmt(row["baseline"]),
-        ]
-        assert any(
-            all(f"| {c} |" in line or line.startswith(f"| {c} |") for c in cells) for line in lines
-        ), row
-    # The few-shot rows come from the probe reports of the two towers.
-    fewshot = json.loads(_read(smoke, "fewshot/pretrain/fewshot.json"))
-    digits = fewshot["datasets"]["digits"]["shots"]
+        cells = [row["transfer"], row["metric"], *(report.cell(row, t) for t in report.TOWERS)]
+        assert any(all(f"| {c} |" in line for c in cells) for line in lines), row
+    # The few-shot rows come from the probe reports of the three towers: mean and std over seeds.
     row = next(r for r in headline if r["metric"] == "2-shot top-1")
-    assert row["model"] == digits["2"]["mean"]
-    random = json.loads(_read(smoke, "fewshot/random_tower/fewshot.json"))
-    assert row["baseline"] == random["datasets"]["digits"]["shots"]["2"]["mean"]
-    # The caption baseline is the constant caption's score logged by the caption evaluator.
+    for tower in report.TOWERS:
+        probe = json.loads(_read(smoke, f"fewshot/{tower}/fewshot.json"))
+        digits = probe["datasets"]["digits"]["shots"]["2"]
+        assert (row[tower], row[f"{tower}_std"]) == (digits["mean"], digits["std"])
+    # The caption rows: each init's own run; the baseline is the constant caption's score.
     cider = next(r for r in headline if r["metric"] == "CIDEr")
-    final = summary["stages"]["caption"]["final"]
-    assert (cider["model"], cider["baseline"]) == (
-        final["caption/CIDEr"],
-        final["caption/baseline/CIDEr"],
+    stages = summary["stages"]["caption"]
+    assert (cider["pretrain"], cider["baseline"]) == (
+        stages["pretrain"]["final"]["caption/CIDEr"],
+        stages["pretrain"]["final"]["caption/baseline/CIDEr"],
+    )
+    assert cider["random_tower"] == stages["random_tower"]["final"]["caption/CIDEr"]
+    assert cider["supervised"] is None  # the decoder transfers start from a CapPa run only
+    siglit = next(r for r in headline if r["metric"] == "zero-shot top-1")
+    assert (
+        siglit["supervised"]
+        == summary["stages"]["siglit"]["supervised"]["final"]["zeroshot/prec@1"]
     )
     html = _read(smoke, "report.html")
-    assert html.count("data:image/png;base64,") >= 4 and report.fmt(cider["model"]) in html
+    assert html.count("data:image/png;base64,") >= 4 and report.cell(cider, "pretrain") in html
+
+
+def test_verdict_needs_a_gap_larger_than_the_spread():
+    def row(pre, rnd, std=None, lower=False):
+        values = {
+            "pretrain": (pre, std) if std else pre,
+            "random_tower": (rnd, std) if std else rnd,
+        }
+        return report._row("t", "m", values, None, "-", lower_is_better=lower)["verdict"]
+
+    assert row(0.5, 0.4) == "won" and row(0.4, 0.5) == "lost" and row(0.5, 0.5) == "within spread"
+    assert row(0.50, 0.40, std=0.05) == "won"  # gap 0.10 > hypot(0.05, 0.05) = 0.071
+    assert row(0.50, 0.44, std=0.05) == "within spread"
+    assert row(0.2, 0.3, lower=True) == "won"  # e.g. OCR's character error rate
+
+
+def test_supervised_tower_has_the_pretrained_shape_and_budget(smoke):
+    from pretrain import features
+
+    sup = features.load_tower(os.path.join(smoke, "supervised", "run"))
+    pre = features.load_tower(os.path.join(smoke, "pretrain", "run"))
+    assert {k: v for k, v in sup.vit_kw.items() if k != "pool_type"} == {
+        k: v for k, v in pre.vit_kw.items() if k != "pool_type"
+    }
+    assert sup.step == pre.step > 0
 
 
 def test_random_tower_is_the_untrained_init(smoke):

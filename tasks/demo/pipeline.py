@@ -52,6 +52,17 @@ SMOKE = Scale("/tiny", 4, dict(probe=4, siglit=4, caption=4, vqa=4, ocr=4), 96, 
               (1, 2), ("digits",), {"model.img.depth": 1, "model.txt.depth": 1})  # fmt: skip
 
 
+# The towers every transfer compares: the CapPa-pretrained one, its random-init twin (same shape and seed, never
+# trained) and, for the frozen-tower transfers, the same tower trained on the scenes label for as many steps (an
+# upper reference: it was taught the very classes the probes ask for).
+TOWERS = {"pretrain": "CapPa", "random_tower": "random init", "supervised": "supervised"}
+PROBE_TOWERS = ("pretrain", "random_tower", "supervised")  # few-shot, MAP probe, SigLiT
+DECODER_TOWERS = (
+    "pretrain",
+    "random_tower",
+)  # caption, VQA, OCR: the whole CapPa init (tower + decoder)
+
+
 @dataclasses.dataclass
 class Context:
     workdir: str
@@ -166,6 +177,19 @@ def stage_random_tower(ctx: Context) -> dict:
     )
 
 
+def stage_supervised(ctx: Context) -> dict:
+    """The upper reference: the pretrained tower's architecture (GAP head) trained on the scenes `label` (42
+    classes) by configs/classify.py for as many steps, batch size and seed as CapPa's pretraining."""
+    cappa = train_config(
+        ctx, f"configs/cappa_tiny.py:tokenizer={ctx.tokenizer}", _pretrain_overrides(ctx)
+    )
+    model = dict(cappa.model.img.to_dict(), pool_type="gap")
+    overrides = {"input.data.name": ctx.data("scenes"), "model": model, "seed": cappa.seed,
+                 "total_steps": cappa.total_steps, "ckpt_steps": cappa.total_steps,
+                 "input.batch_size": cappa.input.batch_size}  # fmt: skip
+    return run_training(ctx, "supervised", "configs/classify.py", overrides)
+
+
 def stage_fewshot(ctx: Context) -> dict:
     from tasks import fewshot_report
 
@@ -175,12 +199,12 @@ def stage_fewshot(ctx: Context) -> dict:
         spec += f",data_dir={ctx.data_dir}"
     overrides = {"shots": ctx.scale.fewshot_shots, "cache_dir": ctx.path("feature_cache")}
     out = {}
-    for tower in ("pretrain", "random_tower"):
+    for tower in PROBE_TOWERS:
         config = fewshot_report.load_config(spec, overrides)
         report = fewshot_report.probe(ctx.path(tower, "run"), config, ctx.path("fewshot", tower))
         fewshot_report.write_report(report, ctx.path("fewshot", tower))
-        out[tower] = {
-            name: {k: v["mean"] for k, v in result["shots"].items()}
+        out[tower] = {  # mean and sample std over seeds, per dataset and shot count
+            name: {k: {"mean": v["mean"], "std": v["std"]} for k, v in result["shots"].items()}
             for name, result in report["datasets"].items()
         }
     return out
@@ -188,7 +212,7 @@ def stage_fewshot(ctx: Context) -> dict:
 
 def stage_map_probe(ctx: Context) -> dict:
     out = {}
-    for tower in ("pretrain", "random_tower"):
+    for tower in PROBE_TOWERS:
         overrides = {"input.data.name": ctx.data("scenes"), "input.data.cache_dir": ctx.path("feature_cache"),
                      **_steps(ctx, "probe")}  # fmt: skip
         spec = f"configs/linear_probe.py:head=map,checkpoint={ctx.path(tower, 'run')}"
@@ -197,29 +221,51 @@ def stage_map_probe(ctx: Context) -> dict:
 
 
 def stage_siglit(ctx: Context) -> dict:
+    """A text tower trained against each frozen tower, same recipe and steps."""
     overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "siglit"),
                  "model.txt.vocab_size": ctx.scale.vocab_size, **ctx.scale.model}  # fmt: skip
-    spec = f"configs/siglit.py:tower={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
-    return run_training(ctx, "siglit", spec, overrides)
+    out = {}
+    for tower in PROBE_TOWERS:
+        spec = f"configs/siglit.py:tower={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer}"
+        extra = {}
+        if (
+            tower == "supervised"
+        ):  # no decoder to start the text tower from; its class head is unused
+            spec += ",txt_init=scratch"
+            extra["model_load.skip"] = ["head/.*"]
+        out[tower] = run_training(ctx, f"siglit/{tower}", spec, {**overrides, **extra})
+    return out
 
 
 def stage_caption(ctx: Context) -> dict:
-    overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "caption"),
-                 "model.txt.vocab_size": ctx.scale.vocab_size, "tokenizer": ctx.tokenizer,
-                 "evals.zeroshot.data.split": ctx.scale.eval_split, **ctx.scale.model}  # fmt: skip
-    spec = f"configs/caption_coco.py:init={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
-    return run_training(ctx, "caption", spec, overrides)
+    """The caption fine-tune from each CapPa init (tower frozen, decoder trained), same recipe and steps;
+    the pretrained run also scores its zero-shot before and after (the collapse check)."""
+    out = {}
+    for tower in DECODER_TOWERS:
+        overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "caption"),
+                     "model.txt.vocab_size": ctx.scale.vocab_size, "tokenizer": ctx.tokenizer,
+                     "evals.zeroshot.data.split": ctx.scale.eval_split, **ctx.scale.model}  # fmt: skip
+        spec = f"configs/caption_coco.py:init={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer}"
+        if tower != "pretrain":  # no collapse check: a random init has no zero-shot ability to lose
+            evals = train_config(ctx, spec, overrides).evals.to_dict()
+            evals.pop("zeroshot", None)
+            overrides.update(evals=evals, eval_at_start=False)
+        out[tower] = run_training(ctx, f"caption/{tower}", spec, overrides)
+    return out
 
 
 def _answer_stage(ctx: Context, stage: str, dataset: str) -> dict:
-    """VQA / OCR from the pretrained run: the task's own evaluator + perplexity (the caption stage already
+    """VQA / OCR from each CapPa init: the task's own evaluator + perplexity (the caption stage already
     shows the before/after of the zero-shot; here it would double the stage's time)."""
     evals = train_config(ctx, f"configs/{stage}.py", {}).evals.to_dict()
     kept = {name: evals[name] for name in ("val", stage)}
     overrides = {"input.data.name": ctx.data(dataset), "model.txt.vocab_size": ctx.scale.vocab_size,
                  "evals": kept, "eval_at_start": False, **_steps(ctx, stage), **ctx.scale.model}  # fmt: skip
-    spec = f"configs/{stage}.py:init={ctx.path('pretrain', 'run')},tokenizer={ctx.tokenizer}"
-    return run_training(ctx, stage, spec, overrides)
+    out = {}
+    for tower in DECODER_TOWERS:
+        spec = f"configs/{stage}.py:init={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer}"
+        out[tower] = run_training(ctx, f"{stage}/{tower}", spec, overrides)
+    return out
 
 
 def stage_vqa(ctx: Context) -> dict:
@@ -265,20 +311,21 @@ STAGES: list[Stage] = [
         "the random-init baseline tower (same shape, never trained)",
         stage_random_tower,
     ),
-    ("fewshot", "few-shot linear probes: pretrained vs random tower", stage_fewshot),
     (
-        "map_probe",
-        "MAP-head probes with a weight-decay sweep: pretrained vs random tower",
-        stage_map_probe,
+        "supervised",
+        "the supervised reference tower (same shape, trained on the label)",
+        stage_supervised,
     ),
+    ("fewshot", "few-shot linear probes of the three towers", stage_fewshot),
+    ("map_probe", "MAP-head probes with a weight-decay sweep, three towers", stage_map_probe),
     (
         "siglit",
-        "SigLiT: a text tower against the frozen tower; zero-shot + retrieval",
+        "SigLiT: a text tower against each frozen tower; zero-shot + retrieval",
         stage_siglit,
     ),
-    ("caption", "caption fine-tune, COCO metrics, before/after collapse check", stage_caption),
-    ("vqa", "VQA: the question as a decoder prefix, official VQA accuracy", stage_vqa),
-    ("ocr", "OCR: read the words in an image; exact match, CER, ANLS", stage_ocr),
+    ("caption", "caption fine-tunes from the CapPa and random inits, COCO metrics", stage_caption),
+    ("vqa", "VQA from both inits: the question as a decoder prefix, VQA accuracy", stage_vqa),
+    ("ocr", "OCR from both inits: read the words; exact match, CER, ANLS", stage_ocr),
     ("attention", "register attention maps", stage_attention),
 ]
 
@@ -314,6 +361,16 @@ def run_stages(ctx: Context, only: list[str] | None = None) -> dict[str, dict]:
     return results
 
 
+def _compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in the workdir (unless one is set already): the random-init and
+    supervised towers' transfers run the same programs as the pretrained tower's, so they compile once."""
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="cappa demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/demo")
@@ -325,6 +382,7 @@ def main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     ctx = Context(os.path.abspath(args.workdir), args.data_dir, SMOKE if args.smoke else FULL)
     os.makedirs(ctx.workdir, exist_ok=True)
+    _compilation_cache(ctx.path("jax_cache"))
     start = time.monotonic()
     results = run_stages(ctx, args.only)
     from tasks.demo import report

@@ -1,9 +1,11 @@
 """The demo's report: WORKDIR/summary.json (every final metric of every stage), report.md and report.html.
 
-The results table puts each transfer's headline number next to its trivial baseline (the random-init tower,
-the constant caption, the majority answer, chance); the rest of the report is figures this run drew:
-training curves, caption / VQA / OCR samples, register attention maps. Numbers in report.md are formatted from
-summary.json, never typed in.
+The results table puts every transfer's number from the CapPa-pretrained tower next to the same transfer, same
+budget, from the random-init tower of the same shape, from the supervised reference tower (where it applies)
+and next to its trivial baseline (chance, the constant caption, the majority answer). Few-shot cells are mean +-
+sample std over seeds; a row is won when the pretrained tower's gap to the random one exceeds the spread
+(sqrt(std_a^2 + std_b^2); 0 for single runs). The rest is figures this run drew: training curves, caption / VQA
+/ OCR samples, register attention maps. Numbers in report.md are formatted from summary.json, never typed in.
 """
 
 from __future__ import annotations
@@ -11,12 +13,15 @@ from __future__ import annotations
 import base64
 import html
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
 
 REPORT_FILES = ("summary.json", "report.md", "report.html")
 HEADLINE_SHOTS = ("10", "25")
+TOWERS = {"pretrain": "CapPa", "random_tower": "random init", "supervised": "supervised"}
+COLUMNS = ["transfer", "metric", *TOWERS, "baseline", "baseline_is", "verdict"]
 _COUNTS = (
     "seconds",
     "nll_sum",
@@ -24,61 +29,84 @@ _COUNTS = (
     "images",
     "classes",
 )  # bookkeeping, not before/after metrics
+# Rows the pretrained tower is not expected to win at this scale, and why (one sentence each; shown when lost).
+WHY_NOT: dict[str, str] = {}
 
 
-def _row(transfer: str, metric: str, model: Any, baseline: Any, baseline_is: str) -> dict:
-    return dict(
-        transfer=transfer, metric=metric, model=model, baseline=baseline, baseline_is=baseline_is
-    )
+def _row(
+    transfer: str,
+    metric: str,
+    values: Mapping[str, Any],
+    baseline: Any,
+    baseline_is: str,
+    lower_is_better: bool = False,
+) -> dict:
+    """`values`: {tower: value or (mean, std)}."""
+    row: dict[str, Any] = dict(transfer=transfer, metric=metric, baseline=baseline,
+                               baseline_is=baseline_is, lower_is_better=lower_is_better)  # fmt: skip
+    for tower in TOWERS:
+        value = values.get(tower)
+        mean, std = value if isinstance(value, tuple) else (value, None)
+        row[tower], row[f"{tower}_std"] = mean, std
+    row["verdict"] = verdict(row)
+    return row
 
 
-def _final(results: Mapping, stage: str) -> dict:
-    return dict(results.get(stage, {}).get("final", {}))
+def verdict(row: Mapping[str, Any]) -> str | None:
+    """'won' / 'lost' when the CapPa tower's gap to the random one exceeds the spread, else 'within spread'."""
+    pre, rnd = row["pretrain"], row["random_tower"]
+    if pre is None or rnd is None:
+        return None
+    gap = (rnd - pre) if row["lower_is_better"] else (pre - rnd)
+    spread = math.hypot(row["pretrain_std"] or 0.0, row["random_tower_std"] or 0.0)
+    if gap > spread:
+        return "won"
+    return "lost" if -gap > spread else "within spread"
+
+
+def _final(results: Mapping, stage: str, tower: str = "pretrain") -> dict:
+    return dict(results.get(stage, {}).get(tower, {}).get("final", {}))
+
+
+def _per_tower(results: Mapping, stage: str, key: str) -> dict[str, Any]:
+    return {t: _final(results, stage, t).get(key) for t in TOWERS if t in results.get(stage, {})}
 
 
 def headline_rows(results: Mapping[str, Any]) -> list[dict]:
-    """The results table: one row per (transfer, metric), the model's value and its baseline's."""
+    """The results table: one row per (transfer, metric), each tower's value and the trivial baseline."""
     rows = []
     fewshot = results.get("fewshot", {})
-    pre, rnd = fewshot.get("pretrain", {}), fewshot.get("random_tower", {})
-    for dataset, shots in pre.items():
-        for k, value in shots.items():
-            if k not in HEADLINE_SHOTS and str(max(int(s) for s in shots)) != k:
+    for dataset, shots in fewshot.get("pretrain", {}).items():
+        largest = str(max(int(s) for s in shots))
+        for k in shots:
+            if k not in HEADLINE_SHOTS and k != largest:
                 continue  # the other shot counts are in fewshot/*/fewshot.md
-            base = rnd.get(dataset, {}).get(k)
+            values = {}
+            for tower in TOWERS:
+                cell = fewshot.get(tower, {}).get(dataset, {}).get(k)
+                values[tower] = (cell["mean"], cell["std"]) if cell else None
             rows.append(
-                _row(
-                    f"few-shot linear probe, {dataset}",
-                    f"{k}-shot top-1",
-                    value,
-                    base,
-                    "random-init tower",
-                )
+                _row(f"few-shot linear probe, {dataset}", f"{k}-shot top-1", values, None, "-")
             )
-    probes = results.get("map_probe", {})
-    if probes:
-        pre_p = probes.get("pretrain", {}).get("final", {})
-        rnd_p = probes.get("random_tower", {}).get("final", {})
-        rows.append(_row("MAP probe (trained, wd sweep), scenes", "test top-1", pre_p.get("probe/prec@1"),
-                         rnd_p.get("probe/prec@1"), "random-init tower"))  # fmt: skip
-    siglit = _final(results, "siglit")
-    if siglit:
-        classes = siglit.get("zeroshot/classes")
-        chance = 1.0 / classes if classes else None
-        rows.append(_row("SigLiT (frozen tower), scenes", "zero-shot top-1", siglit.get("zeroshot/prec@1"),
-                         chance, "chance"))  # fmt: skip
+    if "map_probe" in results:
+        rows.append(_row("MAP probe (trained, wd sweep), scenes", "test top-1",
+                         _per_tower(results, "map_probe", "probe/prec@1"), None, "-"))  # fmt: skip
+    if "siglit" in results:
+        classes = _final(results, "siglit").get("zeroshot/classes")
+        rows.append(_row("SigLiT (frozen tower), scenes", "zero-shot top-1",
+                         _per_tower(results, "siglit", "zeroshot/prec@1"),
+                         1.0 / classes if classes else None, "chance"))  # fmt: skip
         for key in ("i2t_recall@1", "t2i_recall@1"):
-            n = (
-                siglit.get("retrieval/images")
-                if key.startswith("t2i")
-                else siglit.get("retrieval/texts")
+            n = _final(results, "siglit").get(
+                "retrieval/images" if key.startswith("t2i") else "retrieval/texts"
             )
-            rows.append(_row("SigLiT retrieval, scenes val", key, siglit.get(f"retrieval/{key}"),
+            rows.append(_row("SigLiT retrieval, scenes val", key, _per_tower(results, "siglit", f"retrieval/{key}"),
                              None if not n else 1.0 / n, "chance (1 / candidates)"))  # fmt: skip
     caption = _final(results, "caption")
     for metric in ("CIDEr", "BLEU-4", "METEOR"):
         if f"caption/{metric}" in caption:
-            rows.append(_row("caption fine-tune (frozen tower), scenes val", metric, caption[f"caption/{metric}"],
+            rows.append(_row("caption fine-tune (frozen tower), scenes val", metric,
+                             _per_tower(results, "caption", f"caption/{metric}"),
                              caption.get(f"caption/baseline/{metric}"), "constant caption"))  # fmt: skip
     answers = (("vqa", ("vqa/accuracy",)), ("ocr", ("ocr/exact_match", "ocr/cer", "ocr/anls")))
     for stage, keys in answers:
@@ -88,26 +116,25 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
                 name = key.split("/", 1)[1]
                 what = "VQA accuracy (%)" if stage == "vqa" else name
                 base = "majority answer" if stage == "vqa" else "most frequent training text"
-                rows.append(_row(f"{stage.upper()} (frozen tower), embedded", what, final[key],
-                                 final.get(key.replace("/", "/baseline/", 1)), base))  # fmt: skip
+                rows.append(_row(f"{stage.upper()} (frozen tower), embedded", what, _per_tower(results, stage, key),
+                                 final.get(key.replace("/", "/baseline/", 1)), base,
+                                 lower_is_better=key == "ocr/cer"))  # fmt: skip
     return rows
 
 
 def tower_verdict(rows: list[dict]) -> dict:
-    """How often the pretrained tower beats the random-init one, over the rows that compare the two."""
-    pairs = [
-        r
-        for r in rows
-        if r["baseline_is"] == "random-init tower" and None not in (r["model"], r["baseline"])
-    ]
-    wins = [r for r in pairs if r["model"] > r["baseline"]]
-    return {"rows": len(pairs), "pretrained_better": len(wins),
-            "worse": [f"{r['transfer']}: {r['metric']}" for r in pairs if r["model"] <= r["baseline"]]}  # fmt: skip
+    """How many rows the pretrained tower wins against the random-init one by more than the spread."""
+    compared = [r for r in rows if r["verdict"] is not None]
+    not_won = [r for r in compared if r["verdict"] != "won"]
+    return {"rows": len(compared), "won": len(compared) - len(not_won),
+            "not_won": [f"{r['transfer']}: {r['metric']} ({r['verdict']})" for r in not_won],
+            "why": {f"{r['transfer']}: {r['metric']}": WHY_NOT[r["transfer"]]
+                    for r in not_won if r["transfer"] in WHY_NOT}}  # fmt: skip
 
 
 def collapse_rows(results: Mapping[str, Any]) -> list[dict]:
     """The caption fine-tune's before (step 0, the CapPa weights) and after values of the other evaluators."""
-    run = results.get("caption", {})
+    run = results.get("caption", {}).get("pretrain", {})
     start, final = run.get("start", {}), run.get("final", {})
     rows = []
     for key in sorted(start):
@@ -119,25 +146,25 @@ def collapse_rows(results: Mapping[str, Any]) -> list[dict]:
 
 
 def pretrain_rows(results: Mapping[str, Any]) -> list[dict]:
-    final = _final(results, "pretrain")
+    final = dict(results.get("pretrain", {}).get("final", {}))
     keys = ("train/loss", "val/perplexity", "zeroshot/prec@1", "colour_swap/accuracy")
-    return [dict(metric=k, value=final[k]) for k in keys if k in final]
+    rows = [dict(metric=k, value=final[k]) for k in keys if k in final]
+    supervised = dict(results.get("supervised", {}).get("final", {}))
+    if "val/prec@1" in supervised:
+        rows.append(dict(metric="supervised tower: val/prec@1", value=supervised["val/prec@1"]))
+    return rows
 
 
 def summary(results: Mapping[str, Any], minutes: float) -> dict:
     """Every final metric of every stage, plus the tables above (what report.md formats)."""
     out: dict[str, Any] = {"minutes": round(minutes, 2), "stages": {}}
     for stage, result in results.items():
-        entry = {"seconds": result.get("seconds")}
-        for part in ("final", "start"):
-            if part in result:
-                entry[part] = result[part]
-        if stage in ("fewshot",):
-            entry.update({k: v for k, v in result.items() if k != "seconds"})
-        if stage == "map_probe":
-            entry.update(
-                {t: result[t].get("final", {}) for t in ("pretrain", "random_tower") if t in result}
-            )
+        entry: dict[str, Any] = {"seconds": result.get("seconds")}
+        for key, value in result.items():
+            if key in ("final", "start") or stage == "fewshot":
+                entry[key] = value
+            elif key in TOWERS and isinstance(value, Mapping):
+                entry[key] = {p: value[p] for p in ("final", "start") if p in value}
         out["stages"][stage] = entry
     out["headline"] = headline_rows(results)
     out["tower_vs_random"] = tower_verdict(out["headline"])
@@ -146,17 +173,23 @@ def summary(results: Mapping[str, Any], minutes: float) -> dict:
     return out
 
 
-def fmt(value: Any) -> str:
+def fmt(value: Any, std: Any = None) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
-        return f"{value:.4f}"
+        return f"{value:.4f}" + ("" if std is None else f" ± {std:.4f}")
     return str(value)
 
 
+def cell(row: Mapping[str, Any], column: str) -> str:
+    """A table cell: a tower's value with its seed spread, or any other field."""
+    return fmt(row.get(column), row.get(f"{column}_std") if column in TOWERS else None)
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    names = [TOWERS.get(c, c) for c in columns]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(cell(r, c) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -165,12 +198,17 @@ def _figures(workdir: str) -> list[tuple[str, str]]:
     from transfer import plots
 
     figures = []
-    for stage in ("pretrain", "siglit", "caption", "vqa", "ocr"):
-        run = os.path.join(workdir, stage, "run")
-        if os.path.isfile(os.path.join(run, "metrics.jsonl")):
-            plots.plot_run(run)
-            figures.append((f"{stage}: training curves", os.path.join(stage, "run", "curves.png")))
-    for tower in ("pretrain", "random_tower"):
+    runs = [("pretrain", "pretrain/run"), ("supervised", "supervised/run")]
+    runs += [
+        (f"{s} ({TOWERS[t]})", f"{s}/{t}/run")
+        for s in ("siglit", "caption", "vqa", "ocr")
+        for t in TOWERS
+    ]
+    for title, run in runs:
+        if os.path.isfile(os.path.join(workdir, run, "metrics.jsonl")):
+            plots.plot_run(os.path.join(workdir, run))
+            figures.append((f"{title}: training curves", os.path.join(run, "curves.png")))
+    for tower in TOWERS:
         path = os.path.join("fewshot", tower, "fewshot.png")
         if os.path.isfile(os.path.join(workdir, path)):
             figures.append((f"few-shot accuracy vs shots ({tower})", path))
@@ -185,13 +223,13 @@ def _figures(workdir: str) -> list[tuple[str, str]]:
 SAMPLE_PAGES = (  # (title, page written by the stage's evaluator)
     (
         "Caption samples: generated caption (bold) and references",
-        "caption/run/captions/caption_samples.html",
+        "caption/pretrain/run/captions/caption_samples.html",
     ),
     (
         "VQA samples: question, generated answer, the ten human answers",
-        "vqa/run/vqa/vqa_samples.html",
+        "vqa/pretrain/run/vqa/vqa_samples.html",
     ),
-    ("OCR samples: generated text and the reference", "ocr/run/ocr/ocr_samples.html"),
+    ("OCR samples: generated text and the reference", "ocr/pretrain/run/ocr/ocr_samples.html"),
 )
 
 
@@ -205,12 +243,11 @@ def markdown(
     lines = [
         "# cappa-transfer demo report",
         "",
-        f"Everything below was produced by this run ({data['minutes']:.1f} min). Baselines: the random-init tower "
-        "(same architecture, never trained), the most frequent training caption / answer, chance.",
+        f"Everything below was produced by this run ({data['minutes']:.1f} min). {COMPARISON}",
         "",
-        "## Results against trivial baselines",
+        "## Every transfer: CapPa tower vs random-init tower",
         "",
-        table(data["headline"], ["transfer", "metric", "model", "baseline", "baseline_is"]),
+        table(data["headline"], COLUMNS),
         "",
         verdict_text(data["tower_vs_random"]),
         "",
@@ -234,13 +271,25 @@ def markdown(
     return "\n".join(lines)
 
 
+COMPARISON = (
+    "Each transfer runs with the same recipe and budget from three towers of one shape: CapPa-pretrained, "
+    "random init (never trained) and supervised (trained on the scenes label for as many steps: an upper "
+    "reference, taught the very classes the probes ask for; not run for the decoder transfers). Few-shot "
+    "cells: mean ± std over 3 seeds. A row is won when the CapPa tower's gap to the random one exceeds the "
+    "spread, sqrt(std_CapPa² + std_random²) (0 for single runs). The baseline column is the trivial one: "
+    "chance, the constant caption, the majority answer."
+)
+
+
 def verdict_text(verdict: Mapping[str, Any]) -> str:
     text = (
-        f"The pretrained tower beats the random-init tower on {verdict['pretrained_better']} of the "
-        f"{verdict['rows']} probe rows above."
+        f"The CapPa tower beats the random-init tower by more than the spread on {verdict['won']} of the "
+        f"{verdict['rows']} rows above."
     )
-    if verdict["worse"]:
-        text += " Not on: " + "; ".join(verdict["worse"]) + "."
+    if verdict["not_won"]:
+        text += " Not on: " + "; ".join(verdict["not_won"]) + "."
+    for row, why in verdict.get("why", {}).items():
+        text += f" {row}: {why}"
     return text
 
 
@@ -253,9 +302,9 @@ def html_page(workdir: str, data: Mapping[str, Any], figures: list[tuple[str, st
     """report.md's content as one self-contained page (figures inlined), plus the sample pages."""
 
     def html_table(rows: list[dict], columns: list[str]) -> str:
-        head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+        head = "".join(f"<th>{html.escape(TOWERS.get(c, c))}</th>" for c in columns)
         body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(fmt(r.get(c)))}</td>" for c in columns) + "</tr>"
+            "<tr>" + "".join(f"<td>{html.escape(cell(r, c))}</td>" for c in columns) + "</tr>"
             for r in rows
         )
         return f"<table><tr>{head}</tr>{body}</table>"
@@ -265,9 +314,10 @@ def html_page(workdir: str, data: Mapping[str, Any], figures: list[tuple[str, st
         "body{font-family:sans-serif;max-width:1100px;margin:auto} table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 8px} img{max-width:100%}</style></head><body>",
         "<h1>cappa-transfer demo report</h1>",
-        f"<p>Everything below was produced by this run ({data['minutes']:.1f} min).</p>",
-        "<h2>Results against trivial baselines</h2>",
-        html_table(data["headline"], ["transfer", "metric", "model", "baseline", "baseline_is"]),
+        f"<p>Everything below was produced by this run ({data['minutes']:.1f} min). "
+        f"{html.escape(COMPARISON)}</p>",
+        "<h2>Every transfer: CapPa tower vs random-init tower</h2>",
+        html_table(data["headline"], COLUMNS),
         f"<p>{html.escape(verdict_text(data['tower_vs_random']))}</p>",
         "<h2>Pretraining (tiny CapPa)</h2>",
         html_table(data["pretrain"], ["metric", "value"]),

@@ -38,8 +38,11 @@ COLOR_NAMES: tuple[str, ...] = tuple(COLORS)
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "diamond")
 SIZES: tuple[str, ...] = ("small", "large")
 POSITIONS: tuple[str, ...] = ("left", "right", "top", "bottom", "center")
-# Slot centres (x, y) in pixels; every object gets its own slot, so "the shape on the left" is
-# always well defined. Only the centre slot can touch a neighbour, by a few pixels at most.
+# Region centres (x, y) in pixels. Every object gets its own region, so "the shape on the left" is always
+# well defined, but its centre is drawn anywhere within +-_JITTER of the region's centre and its size from a
+# wide range: neighbours overlap (occlusion), large objects run off the edge, and nothing sits on the 16-px
+# patch grid. Positions, scales, rotations, clutter and textured backgrounds are what make raw pixels and
+# random features weak on these images, as on photographs (see scenes.py for the measured numbers).
 _ANCHORS: dict[str, tuple[float, float]] = {
     "left": (15.0, 32.0),
     "right": (49.0, 32.0),
@@ -47,11 +50,16 @@ _ANCHORS: dict[str, tuple[float, float]] = {
     "bottom": (32.0, 49.0),
     "center": (32.0, 32.0),
 }
-_RADIUS = {"small": (4.5, 6.5), "large": (9.5, 12.5)}
-_JITTER = 2.5  # pixels of position jitter around a slot centre
-_MAX_ANGLE = 12.0  # degrees; small enough that a square never turns into a diamond
+_RADIUS = {"small": (3.5, 6.5), "large": (8.5, 14.0)}
+_JITTER = 7.0  # pixels of position jitter around a region centre, per axis
+# Degrees of rotation: squares and diamonds turn a little (a square at 45 degrees is a rhombus), the rest freely.
+_MAX_ANGLE = {"square": 20.0, "diamond": 20.0}
+_FREE_ANGLE = 180.0
 BACKGROUND_TONES = ("dark", "light")
-BACKGROUND_STYLES = ("plain", "gradient", "grainy")
+BACKGROUND_STYLES = ("plain", "gradient", "grainy", "striped", "checkered", "mottled")
+_STYLE_PROBS = (0.15, 0.15, 0.15, 0.2, 0.15, 0.2)
+MAX_CLUTTER = 5  # thin lines and dots in arbitrary colours that no caption counts as a shape
+NUMERAL_PROB = 0.35  # a written digit in a free region ("the number 7"), which captions name
 
 T = TypeVar("T")
 
@@ -71,12 +79,36 @@ class SceneObject:
 
 
 @dataclasses.dataclass(frozen=True)
+class Stroke:
+    """A clutter line (or a dot when both ends coincide), drawn under or over the objects."""
+
+    points: tuple[float, float, float, float]
+    width: float
+    rgb: tuple[float, float, float]
+    on_top: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Numeral:
+    """A digit written in a free region; captions call it "the number 7"."""
+
+    digit: int
+    position: str
+    x: float
+    y: float
+    size: int
+    angle: float
+
+
+@dataclasses.dataclass(frozen=True)
 class Scene:
     """A scene: `objects[0]` is the main object, the only large one; the rest are small."""
 
     objects: tuple[SceneObject, ...]
     tone: str
     style: str
+    clutter: tuple[Stroke, ...] = ()
+    numeral: Numeral | None = None
 
     @property
     def main(self) -> SceneObject:
@@ -105,8 +137,12 @@ class LocalBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     A subclass defines `_info` and `make_example(split, index) -> dict`.
     """
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release."}
+    VERSION = tfds.core.Version("2.0.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release.",
+        "2.0.0": "Scenes vary in position, scale, rotation and occlusion, with clutter, textured "
+        "backgrounds and written digits.",
+    }
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -170,6 +206,7 @@ def _sample_object(
 ) -> SceneObject:
     low, high = _RADIUS[size]
     ax, ay = _ANCHORS[position]
+    max_angle = _MAX_ANGLE.get(shape, _FREE_ANGLE)
     return SceneObject(
         shape=shape,
         color=color,
@@ -178,7 +215,7 @@ def _sample_object(
         x=float(ax + rng.uniform(-_JITTER, _JITTER)),
         y=float(ay + rng.uniform(-_JITTER, _JITTER)),
         radius=float(rng.uniform(low, high)),
-        angle=float(rng.uniform(-_MAX_ANGLE, _MAX_ANGLE)),
+        angle=float(rng.uniform(-max_angle, max_angle)),
     )
 
 
@@ -200,16 +237,57 @@ def _distractor_kind(rng, main: SceneObject, previous: list[SceneObject]) -> tup
     return pick(rng, SHAPES), pick(rng, COLOR_NAMES)
 
 
+def _sample_clutter(rng: np.random.Generator) -> tuple[Stroke, ...]:
+    """0..MAX_CLUTTER thin lines and dots in arbitrary colours (a third of them over the objects)."""
+    strokes = []
+    for _ in range(int(rng.integers(MAX_CLUTTER + 1))):
+        x0, y0 = rng.uniform(0, IMAGE_SIZE, size=2)
+        if rng.uniform() < 0.3:  # a dot
+            x1, y1, width = x0, y0, float(rng.uniform(1.5, 3.0))
+        else:
+            length, theta = rng.uniform(8, 40), rng.uniform(0, 2 * np.pi)
+            x1, y1 = x0 + length * np.cos(theta), y0 + length * np.sin(theta)
+            width = float(rng.uniform(0.6, 1.6))
+        rgb = tuple(float(v) for v in rng.uniform(0, 255, size=3))
+        on_top = bool(rng.uniform() < 1 / 3)
+        strokes.append(Stroke((float(x0), float(y0), float(x1), float(y1)), width, rgb, on_top))
+    return tuple(strokes)
+
+
+def _sample_numeral(rng: np.random.Generator, free: list[str]) -> Numeral | None:
+    if not free or rng.uniform() >= NUMERAL_PROB:
+        return None
+    position = pick(rng, free)
+    ax, ay = _ANCHORS[position]
+    jitter = _JITTER / 2
+    return Numeral(
+        digit=int(rng.integers(10)),
+        position=position,
+        x=float(ax + rng.uniform(-jitter, jitter)),
+        y=float(ay + rng.uniform(-jitter, jitter)),
+        size=int(rng.integers(11, 19)),
+        angle=float(rng.uniform(-25, 25)),
+    )
+
+
 def sample_scene(rng: np.random.Generator, max_objects: int = 4) -> Scene:
-    """1..max_objects objects in distinct slots: one large main object plus small distractors."""
+    """1..max_objects objects in distinct regions: one large main object plus small distractors, over a
+    background with clutter, sometimes with a written digit in a free region."""
     count = int(rng.integers(1, max_objects + 1))
-    slots = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))[:count]]
+    order = [POSITIONS[i] for i in rng.permutation(len(POSITIONS))]
+    slots = order[:count]
     objects = [_sample_object(rng, pick(rng, SHAPES), pick(rng, COLOR_NAMES), "large", slots[0])]
     for slot in slots[1:]:
         shape, color = _distractor_kind(rng, objects[0], objects)
         objects.append(_sample_object(rng, shape, color, "small", slot))
-    style = BACKGROUND_STYLES[int(rng.choice(3, p=[0.4, 0.3, 0.3]))]
-    return Scene(objects=tuple(objects), tone=pick(rng, BACKGROUND_TONES), style=style)
+    style = BACKGROUND_STYLES[int(rng.choice(len(BACKGROUND_STYLES), p=_STYLE_PROBS))]
+    return Scene(
+        objects=tuple(objects),
+        tone=pick(rng, BACKGROUND_TONES),
+        style=style,
+        clutter=_sample_clutter(rng),
+        numeral=_sample_numeral(rng, order[count:]),
+    )
 
 
 def _rotate(points: np.ndarray, angle_deg: float) -> np.ndarray:
@@ -264,17 +342,40 @@ def _object_mask(obj: SceneObject) -> np.ndarray:
     return mask
 
 
+def _texture(rng: np.random.Generator, style: str, height: int, width: int) -> np.ndarray:
+    """A zero-mean HxW pattern in about [-1, 1]: stripes, a checkerboard or low-frequency blotches."""
+    ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
+    if style == "striped":
+        theta, period = rng.uniform(0, np.pi), rng.uniform(4, 12)
+        phase = (np.cos(theta) * xs + np.sin(theta) * ys) * 2 * np.pi / period
+        return np.sin(phase + rng.uniform(0, 2 * np.pi)).astype(np.float32)
+    if style == "checkered":
+        cell = rng.uniform(4, 11)
+        u, v = (xs + rng.uniform(0, cell)) // cell, (ys + rng.uniform(0, cell)) // cell
+        return (((u + v) % 2) * 2 - 1).astype(np.float32)
+    if style == "mottled":
+        coarse = rng.standard_normal(size=(6, 6)).astype(np.float32)
+        blotches = np.asarray(
+            Image.fromarray(coarse, mode="F").resize((width, height), Image.Resampling.BICUBIC)
+        )
+        return blotches / (np.abs(blotches).max() + 1e-6)
+    return np.zeros((height, width), np.float32)
+
+
 def _background(rng: np.random.Generator, tone: str, style: str, size: tuple[int, int]):
-    """A float32 HxWx3 background: a tinted grey, optionally with a linear gradient."""
+    """A float32 HxWx3 background: a tinted grey, with a gradient or a tinted texture for some styles."""
     height, width = size
     level = rng.uniform(20, 70) if tone == "dark" else rng.uniform(170, 225)
-    base = level + rng.uniform(-12, 12, size=3)
+    base = level + rng.uniform(-20, 20, size=3)
     image = np.broadcast_to(base, (height, width, 3)).astype(np.float32)
     if style == "gradient":
         direction = rng.uniform(0, 2 * np.pi)
         ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
         ramp = (np.cos(direction) * xs / width + np.sin(direction) * ys / height) - 0.5
         image = image + ramp[..., None] * rng.uniform(25, 45)
+    elif style in ("striped", "checkered", "mottled"):
+        tint = rng.uniform(0.4, 1.0, size=3) * rng.choice([-1.0, 1.0], size=3)
+        image = image + _texture(rng, style, height, width)[..., None] * rng.uniform(12, 28) * tint
     return image
 
 
@@ -285,18 +386,74 @@ def add_noise(rng: np.random.Generator, image: np.ndarray, sigma: float) -> np.n
     return np.clip(np.round(image), 0, 255).astype(np.uint8)
 
 
+def _strokes_mask(strokes: Sequence[Stroke]) -> list[np.ndarray]:
+    """Anti-aliased coverage of each clutter stroke (supersampled, then box-filtered)."""
+    masks = []
+    s = _SUPERSAMPLE
+    for stroke in strokes:
+        canvas = Image.new("L", (IMAGE_SIZE * s, IMAGE_SIZE * s), 0)
+        draw = ImageDraw.Draw(canvas)
+        x0, y0, x1, y1 = (v * s for v in stroke.points)
+        w = stroke.width * s
+        if (x0, y0) == (x1, y1):
+            draw.ellipse([x0 - w, y0 - w, x0 + w, y0 + w], fill=255)
+        else:
+            draw.line([x0, y0, x1, y1], fill=255, width=max(1, int(round(w))))
+        small = canvas.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+        masks.append(np.asarray(small, dtype=np.float32) / 255.0)
+    return masks
+
+
+def _numeral_mask(numeral: Numeral) -> np.ndarray:
+    """Coverage of a digit drawn with Pillow's bundled font, rotated about its centre."""
+    from PIL import ImageFont
+
+    s = _SUPERSAMPLE
+    try:
+        font = ImageFont.load_default(size=numeral.size * s)
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()
+    side = IMAGE_SIZE * s
+    glyph = Image.new("L", (side, side), 0)
+    ImageDraw.Draw(glyph).text(
+        (side / 2, side / 2), str(numeral.digit), fill=255, font=font, anchor="mm"
+    )
+    glyph = glyph.rotate(numeral.angle, resample=Image.Resampling.BILINEAR)
+    shifted = Image.new("L", (side, side), 0)
+    shifted.paste(
+        glyph, (int((numeral.x - IMAGE_SIZE / 2) * s), int((numeral.y - IMAGE_SIZE / 2) * s))
+    )
+    small = shifted.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BOX)
+    return np.asarray(small, dtype=np.float32) / 255.0
+
+
+def _paint(image: np.ndarray, alpha: np.ndarray, rgb: np.ndarray) -> np.ndarray:
+    alpha = alpha[..., None]
+    return image * (1.0 - alpha) + rgb[None, None, :] * alpha
+
+
 def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
-    """Draw a scene as a uint8 (64, 64, 3) array; the main object first, distractors on top.
+    """Draw a scene as a uint8 (64, 64, 3) array: background, clutter under, the main object, the
+    distractors (which may overlap it), the digit, clutter over, noise.
 
     Object colours are jittered per channel so that a colour name covers a range of RGB values,
     not a single one a probe could memorise.
     """
     image = _background(rng, scene.tone, scene.style, (IMAGE_SIZE, IMAGE_SIZE))
+    strokes = _strokes_mask(scene.clutter)
+    for stroke, mask in zip(scene.clutter, strokes, strict=True):
+        if not stroke.on_top:
+            image = _paint(image, mask, np.array(stroke.rgb, np.float32))
     for obj in scene.objects:
         jitter = rng.uniform(-18, 18, size=3)
         color = np.clip(np.array(COLORS[obj.color]) + jitter, 0, 255).astype(np.float32)
-        alpha = _object_mask(obj)[..., None]
-        image = image * (1.0 - alpha) + color[None, None, :] * alpha
+        image = _paint(image, _object_mask(obj), color)
+    if scene.numeral is not None:
+        ink = 235.0 if scene.tone == "dark" else 25.0
+        image = _paint(image, _numeral_mask(scene.numeral), np.full(3, ink, np.float32))
+    for stroke, mask in zip(scene.clutter, strokes, strict=True):
+        if stroke.on_top:
+            image = _paint(image, mask, np.array(stroke.rgb, np.float32))
     sigma = rng.uniform(5, 9) if scene.style == "grainy" else rng.uniform(0, 2.5)
     return add_noise(rng, image, sigma)
 

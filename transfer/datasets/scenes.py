@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from transfer.datasets import render
-from transfer.datasets.render import Scene, SceneObject
+from transfer.datasets.render import Scene, SceneObject, pick
 
 NUM_CAPTIONS = 5
 LABEL_NAMES: tuple[str, ...] = tuple(f"{c} {s}" for s in render.SHAPES for c in render.COLOR_NAMES)
@@ -39,7 +39,9 @@ WHERE = {
     "center": "in the center",
 }
 _SIZE_WORDS = {"large": ("large", "big"), "small": ("small", "little")}
-_TEXTURE_WORDS = {"plain": "plain", "gradient": "shaded", "grainy": "grainy"}
+_TEXTURE_WORDS = {"plain": "plain", "gradient": "shaded", "grainy": "grainy", "striped": "striped",
+                  "checkered": "checkered", "mottled": "mottled"}  # fmt: skip
+DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 def label_index(shape: str, color: str) -> int:
@@ -84,10 +86,28 @@ def _main_phrase(scene: Scene, rng: np.random.Generator) -> str:
     return _phrase(scene.main, 1, rng, size_prob=0.5 if len(scene.objects) == 1 else 1.0)
 
 
+def _numeral_phrase(scene: Scene, rng: np.random.Generator) -> str:
+    """'the number 7', 'the digit seven', 'a written 7'."""
+    digit = scene.numeral.digit
+    word = str(digit) if rng.uniform() < 0.5 else DIGIT_WORDS[digit]
+    return f"{pick(rng, ('the number', 'the digit', 'a written'))} {word}"
+
+
 def _caption_list(scene: Scene, rng: np.random.Generator) -> str:
-    """'a large red circle, two small blue stars and a green cross'."""
+    """'a large red circle, two small blue stars and a green cross' (and 'the number 7', if written)."""
     groups = _groups(scene.objects[1:])
-    return join_phrases([_main_phrase(scene, rng)] + [_phrase(obj, n, rng) for obj, n in groups])
+    phrases = [_main_phrase(scene, rng)] + [_phrase(obj, n, rng) for obj, n in groups]
+    if scene.numeral is not None and rng.uniform() < 0.5:
+        phrases.append(_numeral_phrase(scene, rng))
+    return join_phrases(phrases)
+
+
+def _caption_numeral(scene: Scene, rng: np.random.Generator) -> str | None:
+    """'the number 7 at the top, next to a large red circle'."""
+    if scene.numeral is None:
+        return None
+    where = WHERE[scene.numeral.position]
+    return f"{_numeral_phrase(scene, rng)} {where}, next to {_main_phrase(scene, rng)}"
 
 
 def _caption_list_reversed(scene: Scene, rng: np.random.Generator) -> str | None:
@@ -122,6 +142,8 @@ def _caption_relation(scene: Scene, rng: np.random.Generator) -> str | None:
 def _caption_positions(scene: Scene, rng: np.random.Generator) -> str:
     """'a red circle on the left and a small blue star at the top'."""
     parts = [f"{_phrase(o, 1, rng, size_prob=0.4)} {WHERE[o.position]}" for o in scene.objects[1:]]
+    if scene.numeral is not None:
+        parts.append(f"{_numeral_phrase(scene, rng)} {WHERE[scene.numeral.position]}")
     return join_phrases([f"{_main_phrase(scene, rng)} {WHERE[scene.main.position]}"] + parts)
 
 
@@ -163,6 +185,7 @@ _TEMPLATES = (
     _caption_count,
     _caption_background,
     _caption_largest,
+    _caption_numeral,
 )
 _PREFIXES = ("a picture of ", "an image showing ", "a drawing of ", "a render of ")
 
