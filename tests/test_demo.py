@@ -68,14 +68,21 @@ def test_report_numbers_are_summary_numbers(smoke):
         stages["pretrain"]["final"]["caption/baseline/CIDEr"],
     )
     assert cider["random_tower"] == stages["random_tower"]["final"]["caption/CIDEr"]
-    assert cider["supervised"] is None  # the decoder transfers start from a CapPa run only
-    siglit = next(r for r in headline if r["metric"] == "zero-shot top-1")
+    siglit = siglit_row(headline)
+    assert cider["supervised"] is None and siglit["supervised"] is None  # CapPa runs only
+    siglit_runs = summary["stages"]["siglit"]
+    assert siglit["random_tower"] == siglit_runs["random_tower"]["final"]["zeroshot/prec@1"]
+    mapped = next(r for r in headline if r["transfer"].startswith("MAP probe"))
     assert (
-        siglit["supervised"]
-        == summary["stages"]["siglit"]["supervised"]["final"]["zeroshot/prec@1"]
+        mapped["supervised"]
+        == summary["stages"]["map_probe"]["supervised"]["final"]["probe/prec@1"]
     )
     html = _read(smoke, "report.html")
     assert html.count("data:image/png;base64,") >= 4 and report.cell(cider, "pretrain") in html
+
+
+def siglit_row(headline):
+    return next(r for r in headline if r["metric"] == "zero-shot top-1")
 
 
 def test_verdict_needs_a_gap_larger_than_the_spread():

@@ -59,7 +59,8 @@ BACKGROUND_TONES = ("dark", "light")
 BACKGROUND_STYLES = ("plain", "gradient", "grainy", "striped", "checkered", "mottled")
 _STYLE_PROBS = (0.15, 0.15, 0.15, 0.2, 0.15, 0.2)
 MAX_CLUTTER = 5  # thin lines and dots in arbitrary colours that no caption counts as a shape
-NUMERAL_PROB = 0.35  # a written digit in a free region ("the number 7"), which captions name
+NUMERAL_PROB = 0.5  # a written digit in a free region ("the number 7"), which captions name
+_NUMERAL_SIZES = ((11, 19), (24, 44))  # font px: a small label or a large painted number, half each
 
 T = TypeVar("T")
 
@@ -265,7 +266,7 @@ def _sample_numeral(rng: np.random.Generator, free: list[str]) -> Numeral | None
         position=position,
         x=float(ax + rng.uniform(-jitter, jitter)),
         y=float(ay + rng.uniform(-jitter, jitter)),
-        size=int(rng.integers(11, 19)),
+        size=int(rng.integers(*_NUMERAL_SIZES[int(rng.integers(2))])),
         angle=float(rng.uniform(-25, 25)),
     )
 
