@@ -1,4 +1,4 @@
-"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~5.5 minutes and clearly learns.
+"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~5 minutes and clearly learns.
 
   cappa tokenizer train --dataset scenes --vocab_size 256 --model_type bpe --out workdirs/tokenizers/scenes_bpe256.model
   cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny
@@ -11,7 +11,7 @@ small: 64x64 images, 16x16 patches (16 tokens + 4 registers), width 128, a one-l
 decoder). Learnt decoder positions, not rotary: with rotary positions alone every all-[MASK] Pa input is
 identical, so Pa cannot tell positions apart (see pretrain/cappa_task.py).
 
-The recipe (captioning only, lr 2e-3, 2,400 steps) comes from the demo's sweep (benchmarks/demo_sweep.py,
+The recipe (captioning only, lr 2e-3, 2,200 steps) comes from the demo's sweep (benchmarks/demo_sweep.py,
 table and history in docs/demo_sweep.md): at this budget a Pa share, a higher or lower lr and fewer steps all
 gave a tower that probes worse.
 """
@@ -30,9 +30,9 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
-    # ~5.5 minutes on 2 idle cores with huge pages (docs/cpu_hosts.md); 3,000 probe better still (docs/demo_sweep.md)
+    # ~5 minutes on 2 idle cores with huge pages (docs/cpu_hosts.md); 3,000 probe better still (docs/demo_sweep.md)
     # but do not fit the demo's 15 minutes next to every transfer from two towers.
-    c.total_steps = 2400
+    c.total_steps = 2200
     # Cap only unless `pa`: at this budget every Pa share tried probed worse (docs/demo_sweep.md).
     c.masked_pred_prob = 0.75 if args["pa"] else 0.0
     c.tokenizer = tokenizer
