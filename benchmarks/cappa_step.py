@@ -321,7 +321,7 @@ def benchmark(quick: bool, mallocs: list[str]) -> dict:
             "models": MODELS,
             "malloc": {m: MALLOC[m] for m in mallocs},
             **MODES["quick" if quick else "full"],
-        },  # fmt: skip
+        },
         "results": results,
         "on_paper": paper,
         "target": {

@@ -86,10 +86,18 @@ def random_params(model: cappa.Model, image: np.ndarray, seed: int = 1) -> dict:
 def measure(model, params, images, method: str, use_cache: bool, repeats: int) -> dict:
     """Seconds per `generate` call (median of `repeats`), compile time apart."""
     settings = decode.Settings(
-        method=method, max_len=TOKENS, eos_id=EOS, pad_id=0, top_k=0, nucleus=False,
-        beam_size=4, num_return_sequences=1, return_embeddings=False, use_cache=use_cache,
+        method=method,
+        max_len=TOKENS,
+        eos_id=EOS,
+        pad_id=0,
+        top_k=0,
+        nucleus=False,
+        beam_size=4,
+        num_return_sequences=1,
+        return_embeddings=False,
+        use_cache=use_cache,
         vocab_limit=None,
-    )  # fmt: skip
+    )
     knobs = {
         k: jnp.float32(v) for k, v in dict(temperature=1.0, top_p=1.0, length_penalty=0.0).items()
     }

@@ -143,10 +143,18 @@ def run(workdir: str, names: list[str], data_dir: str | None) -> list[dict]:
                 ctx.path("towers", tower, "run"), config, ctx.path("towers", tower, "fewshot")
             )
             final = result["final"]
-            keep(dict(name=tower, kind=kind, overrides=over if kind == "random" else overrides,
-                      train_seconds=round(seconds, 1), probe=summarise(report),
-                      loss=final.get("train/loss"), val_perplexity=final.get("val/perplexity"),
-                      zeroshot=final.get("zeroshot/prec@1")))  # fmt: skip
+            keep(
+                dict(
+                    name=tower,
+                    kind=kind,
+                    overrides=over if kind == "random" else overrides,
+                    train_seconds=round(seconds, 1),
+                    probe=summarise(report),
+                    loss=final.get("train/loss"),
+                    val_perplexity=final.get("val/perplexity"),
+                    zeroshot=final.get("zeroshot/prec@1"),
+                )
+            )
     write_table(ctx.path("sweep.md"), list(done.values()))
     return rows
 

@@ -54,19 +54,28 @@ BIG_VISION = dict(norm="layernorm", normformer=False, mlp_type="gelu", use_bias=
 TOWERS = {
     # configs/siglit.py's tower and text tower (the tiny CapPa shapes), 64 px scenes images.
     "cappa_tiny": dict(
-        image=64, batch=64, img=dict(siglit_config.TOWER), txt=dict(siglit_config.TEXT),
+        image=64,
+        batch=64,
+        img=dict(siglit_config.TOWER),
+        txt=dict(siglit_config.TEXT),
     ),
     # ViT-S/16 at 224 px (196 patches), no registers; the text tower at its width, 2 layers.
     "vit_s16": dict(
         image=224,
         batch=32,
         img=dict(
-            width=384, depth=12, mlp_dim=1536, num_heads=6, patch_size=16, num_registers=0,
-            pool_type="none", **BIG_VISION,
+            width=384,
+            depth=12,
+            mlp_dim=1536,
+            num_heads=6,
+            patch_size=16,
+            num_registers=0,
+            pool_type="none",
+            **BIG_VISION,
         ),
         txt=dict(siglit_config.TEXT, mlp_dim=1536, **BIG_VISION),
     ),
-}  # fmt: skip
+}
 # One rule for every parameter (a list: the task's default schedule is per-parameter rules).
 UNFROZEN_SCHEDULE = [(".*", dict(decay_type="cosine", warmup_steps=50))]
 TOKENIZER = os.path.join(ROOT, siglit_config.TOKENIZER)

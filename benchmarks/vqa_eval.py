@@ -40,11 +40,20 @@ WORDS = "yes no 2 3 red blue circle square left right top bottom large small".sp
 def build(size: dict):
     cfg = dict(
         dtype="float32",
-        img=dict(cappa.MODEL_DEFAULTS["img"], width=size["width"], depth=1,
-                 num_heads=size["num_heads"], patch_size=8),
-        txt=dict(cappa.MODEL_DEFAULTS["txt"], vocab_size=size["vocab_size"], depth=size["depth"],
-                 max_len=QUESTION + ANSWER),
-    )  # fmt: skip
+        img=dict(
+            cappa.MODEL_DEFAULTS["img"],
+            width=size["width"],
+            depth=1,
+            num_heads=size["num_heads"],
+            patch_size=8,
+        ),
+        txt=dict(
+            cappa.MODEL_DEFAULTS["txt"],
+            vocab_size=size["vocab_size"],
+            depth=size["depth"],
+            max_len=QUESTION + ANSWER,
+        ),
+    )
     model = cappa.Model(**cappa.model_kwargs(cfg))
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (size["batch"], 64, 64, 3)).astype(np.float32)

@@ -42,10 +42,16 @@ def get_config(arg=None):
         img=dict(variant="B/16", pool_type="none", scan=True, remat_policy="nothing_saveable"),
         # big_vision's decoder_bias=False (the paper's): no biases but the final LayerNorm's and the logits'.
         txt=dict(
-            vocab_size=32_000, depth=6, max_len=64, posemb="learn", use_bias=False,
-            norm_final_bias=True, scan=True, remat_policy="nothing_saveable",
+            vocab_size=32_000,
+            depth=6,
+            max_len=64,
+            posemb="learn",
+            use_bias=False,
+            norm_final_bias=True,
+            scan=True,
+            remat_policy="nothing_saveable",
         ),
-    )  # fmt: skip
+    )
 
     c.optax_name = "adafactor"
     c.optax = dict(momentum=0.9, multiply_by_parameter_scale=False, clipping_threshold=None)

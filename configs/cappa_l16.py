@@ -44,17 +44,37 @@ def get_config(arg=None):
     c.model = dict(
         dtype="bfloat16",
         img=dict(
-            width=1024, depth=24, mlp_dim=3072, num_heads=16, patch_size=16,
-            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False,
-            num_registers=8, pool_type="none", posemb="learn",
-            scan=True, remat_policy="nothing_saveable",
+            width=1024,
+            depth=24,
+            mlp_dim=3072,
+            num_heads=16,
+            patch_size=16,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+            num_registers=8,
+            pool_type="none",
+            posemb="learn",
+            scan=True,
+            remat_policy="nothing_saveable",
         ),
         txt=dict(
-            vocab_size=65_536, width=1024, depth=12, mlp_dim=3072, num_heads=16, max_len=64,
-            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, posemb="rope",
-            scan=True, remat_policy="nothing_saveable",
+            vocab_size=65_536,
+            width=1024,
+            depth=12,
+            mlp_dim=3072,
+            num_heads=16,
+            max_len=64,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+            posemb="rope",
+            scan=True,
+            remat_policy="nothing_saveable",
         ),
-    )  # fmt: skip
+    )
 
     c.optax_name = "adafactor"
     c.optax = dict(momentum=0.9, multiply_by_parameter_scale=False, clipping_threshold=None)

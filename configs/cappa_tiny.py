@@ -50,14 +50,30 @@ def get_config(arg=None):
     )
     c.model = dict(
         img=dict(
-            width=128, depth=4, mlp_dim=384, num_heads=4, patch_size=16, num_registers=4,
-            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="none",
+            width=128,
+            depth=4,
+            mlp_dim=384,
+            num_heads=4,
+            patch_size=16,
+            num_registers=4,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+            pool_type="none",
         ),
         txt=dict(
-            vocab_size=256, depth=1, mlp_dim=384, max_len=32,
-            norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, posemb="learn",
+            vocab_size=256,
+            depth=1,
+            mlp_dim=384,
+            max_len=32,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+            posemb="learn",
         ),
-    )  # fmt: skip
+    )
 
     c.optax_name = "adamw"
     c.lr = 2e-3  # 1e-3 and 3e-3 probed worse (docs/demo_sweep.md)

@@ -28,7 +28,7 @@ cappa_tiny = sibling(__file__, "cappa_tiny.py")
 TOWERS = {
     "classify": dict(width=128, depth=4, mlp_dim=512, num_heads=4, patch_size=8, pool_type="gap"),
     "cappa_tiny": dict(cappa_tiny.get_config().model.img.to_dict(), pool_type="map"),
-}  # fmt: skip
+}
 # dataset: (num_classes, train split, val split, test split, pp before value_range)
 DATASETS = {
     "scenes": (42, "train", "validation", "test", "decode"),

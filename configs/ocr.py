@@ -28,8 +28,10 @@ from transfer.config import parse_arg
 
 # name -> TFDS name, (train, validation, test) splits, the text key, the id key.
 DATASETS = {
-    "scenes": dict(name="scenes_ocr", splits=("train", "validation", "test"), text="text", id="image/id"),
-}  # fmt: skip
+    "scenes": dict(
+        name="scenes_ocr", splits=("train", "validation", "test"), text="text", id="image/id"
+    ),
+}
 
 
 def get_config(arg=None):

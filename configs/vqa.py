@@ -39,23 +39,39 @@ from transfer.config import parse_arg
 # name -> dataset (TFDS or a file source), (train, validation, test) splits, feature keys (None: absent).
 DATASETS = {
     "scenes": dict(
-        name="scenes_vqa", splits=("train", "validation", "test"), question="question",
-        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
+        name="scenes_vqa",
+        splits=("train", "validation", "test"),
+        question="question",
+        answers="answers",
+        answer_type="answer_type",
+        question_type="question_type",
+        id="question_id",
     ),
     "vqav2_files": dict(
-        name="vqav2_files", splits=("train2014", "val2014", "val2014"), question="question_text",
-        answers="answers", answer_type="answer_type", question_type="question_type", id="question_id",
+        name="vqav2_files",
+        splits=("train2014", "val2014", "val2014"),
+        question="question_text",
+        answers="answers",
+        answer_type="answer_type",
+        question_type="question_type",
+        id="question_id",
         files=dict(
             questions="vqav2/v2_OpenEnded_mscoco_{split}_questions.json",
-            annotations="vqav2/v2_mscoco_{split}_annotations.json", images="coco/{split}",
+            annotations="vqav2/v2_mscoco_{split}_annotations.json",
+            images="coco/{split}",
         ),
     ),
     "textvqa_files": dict(
-        name="textvqa_files", splits=("train", "val", "val"), question="question", answers="answers",
-        answer_type=None, question_type=None, id="question_id",
+        name="textvqa_files",
+        splits=("train", "val", "val"),
+        question="question",
+        answers="answers",
+        answer_type=None,
+        question_type=None,
+        id="question_id",
         files=dict(annotations="textvqa/TextVQA_0.5.1_{split}.json", images="textvqa/train_images"),
     ),
-}  # fmt: skip
+}
 
 
 def get_config(arg=None):

@@ -169,9 +169,13 @@ def _attention_command(args: argparse.Namespace) -> int:
         tokens = run.tokenizer.encode([args.caption] * len(images), model.txt_kw["max_len"])
     else:
         out = decode.generate(
-            model, params, images, max_len=model.txt_kw["max_len"], eos_id=_eos(run),
+            model,
+            params,
+            images,
+            max_len=model.txt_kw["max_len"],
+            eos_id=_eos(run),
             pad_id=_pad(run),
-        )  # fmt: skip
+        )
         tokens = np.asarray(out["tokens"][:, 0])
     maps = capture(model, params, images, jnp.asarray(tokens))
     reg = register_maps(maps["encoder"][args.layer], grid, model.img_kw.get("num_registers", 0))

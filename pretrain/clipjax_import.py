@@ -135,20 +135,27 @@ def _tower_expect(cj: Mapping, text: bool) -> dict[str, Any]:
     ln = cj.get("ln_type", "preln")
     pos = cj.get("position_embedding_type", "learnt")
     out = dict(
-        width=cj.get("hidden_size"), depth=cj.get("num_layers"), mlp_dim=cj.get("mlp_dim"),
-        num_heads=cj.get("num_heads"), norm=norm, use_bias=bool(cj.get("use_bias")),
-        normformer={"normformer": True, "preln": False}.get(ln), mlp_type=_mlp_type(cj.get("activations")),
-    )  # fmt: skip
+        width=cj.get("hidden_size"),
+        depth=cj.get("num_layers"),
+        mlp_dim=cj.get("mlp_dim"),
+        num_heads=cj.get("num_heads"),
+        norm=norm,
+        use_bias=bool(cj.get("use_bias")),
+        normformer={"normformer": True, "preln": False}.get(ln),
+        mlp_type=_mlp_type(cj.get("activations")),
+    )
     if text:
         out.update(
-            vocab_size=cj.get("vocab_size"), max_len=cj.get("max_length"),
+            vocab_size=cj.get("vocab_size"),
+            max_len=cj.get("max_length"),
             posemb={"rotary": "rope", "learnt": "learn"}.get(pos),
-        )  # fmt: skip
+        )
     else:
         out.update(
-            patch_size=cj.get("patch_size"), num_registers=int(cj.get("registers") or 0),
+            patch_size=cj.get("patch_size"),
+            num_registers=int(cj.get("registers") or 0),
             posemb={"learnt": "learn", "sincos2d": "sincos2d"}.get(pos),
-        )  # fmt: skip
+        )
     return out
 
 

@@ -110,9 +110,13 @@ def _prefill(model, params, encoded, s: Settings):
     if s.use_cache:
         start = jnp.full((rows, 1), cappa.START_ID, jnp.int32)
         logits, variables = model.apply(
-            {"params": params}, start, encoded, decode=True, method=cappa.Model.decode,
+            {"params": params},
+            start,
+            encoded,
+            decode=True,
+            method=cappa.Model.decode,
             mutable=["cache"],
-        )  # fmt: skip
+        )
         return logits[:, 0], variables["cache"]
     tokens = jnp.full((rows, s.max_len), s.pad_id, jnp.int32)
     return _recompute(model, params, encoded, tokens, 0), encoded
@@ -130,9 +134,13 @@ def _step(model, params, state, tokens, t, s: Settings):
     if s.use_cache:
         last = jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1)
         logits, variables = model.apply(
-            {"params": params, "cache": state}, last, None, decode=True, method=cappa.Model.decode,
+            {"params": params, "cache": state},
+            last,
+            None,
+            decode=True,
+            method=cappa.Model.decode,
             mutable=["cache"],
-        )  # fmt: skip
+        )
         return logits[:, 0], variables["cache"]
     return _recompute(model, params, state, tokens, t + 1), state
 
@@ -386,10 +394,18 @@ def generate(
     """
     vocab = int(model.txt_kw["vocab_size"])  # also the [MASK] id: never emittable.
     settings = Settings(
-        method, int(max_len), int(eos_id), int(pad_id), int(top_k), float(top_p) < 1.0,
-        int(beam_size), int(num_return_sequences), bool(return_embeddings), bool(use_cache),
+        method,
+        int(max_len),
+        int(eos_id),
+        int(pad_id),
+        int(top_k),
+        float(top_p) < 1.0,
+        int(beam_size),
+        int(num_return_sequences),
+        bool(return_embeddings),
+        bool(use_cache),
         vocab if vocab_limit is None else min(int(vocab_limit), vocab),
-    )  # fmt: skip
+    )
     knobs = dict(
         temperature=float(temperature), top_p=float(top_p), length_penalty=float(length_penalty)
     )

@@ -150,9 +150,14 @@ class DecoderBlock(nn.Module):
         norm = lambda name: vit.Norm(self.norm, self.use_bias, dtype=self.dtype, name=name)
         drop = lambda y: nn.Dropout(self.dropout)(y, deterministic=not train)
         attn = lambda name, cross: DecoderAttention(
-            self.num_heads, self.max_len, cross, self.rope and not cross, self.dtype, self.kernels,
+            self.num_heads,
+            self.max_len,
+            cross,
+            self.rope and not cross,
+            self.dtype,
+            self.kernels,
             name=name,
-        )  # fmt: skip
+        )
         barrier = linear.ops(self.kernels).grad_barrier
         sublayers = (
             (("self", None), ("cross", encoded)) if self.cross_attention else (("self", None),)

@@ -336,9 +336,22 @@ def extract(
 
 # ---------------------------------------------------------------------------------------------- input source
 SOURCE_KEYS = (
-    "source", "name", "split", "data_dir", "checkpoint", "step", "subtree", "model", "npz_prefix",
-    "layer", "pooling", "pp", "cache_dir", "label_key", "batch_size",
-)  # fmt: skip
+    "source",
+    "name",
+    "split",
+    "data_dir",
+    "checkpoint",
+    "step",
+    "subtree",
+    "model",
+    "npz_prefix",
+    "layer",
+    "pooling",
+    "pp",
+    "cache_dir",
+    "label_key",
+    "batch_size",
+)
 _LOADED: dict[str, FeatureSet] = {}
 
 

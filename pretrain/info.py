@@ -226,7 +226,7 @@ def info(config: ml_collections.ConfigDict, image_size_override: int | None = No
             "img_tokens": analytic.pop("img_tokens"),
             "dtype": config.model.dtype,
             "remat": remat,
-        },  # fmt: skip
+        },
         "params": param_counts(params),
         "flops_per_example": {
             "xla": measured,
@@ -389,8 +389,12 @@ def _run(args: argparse.Namespace, overrides: dict) -> dict:
 
         mesh = plan.parse_mesh(args.mesh) if args.mesh else [tuple(a) for a in config.mesh]
         target = plan.Target(
-            args.device, args.chips, args.batch or int(config.input.batch_size), tuple(mesh),
-            args.mfu, args.headroom,
-        )  # fmt: skip
+            args.device,
+            args.chips,
+            args.batch or int(config.input.batch_size),
+            tuple(mesh),
+            args.mfu,
+            args.headroom,
+        )
         result["plan"] = plan_target(config, target, result, args.image_size)
     return result

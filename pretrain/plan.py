@@ -143,9 +143,16 @@ def abstract_state(config: Any, task: Any, mesh: Any, example: Mapping[str, Any]
     param_sh = sharding.tree_shardings(params, mesh, config)
     train_sh, frozen_sh = tree.partition(param_sh, rules.is_trainable)
     return dict(
-        params=params, trainable=trainable, frozen=frozen, opt=opt, rules=rules, tx=tx,
-        train_sh=train_sh, frozen_sh=frozen_sh, opt_sh=sharding.tree_shardings(opt, mesh, config),
-    )  # fmt: skip
+        params=params,
+        trainable=trainable,
+        frozen=frozen,
+        opt=opt,
+        rules=rules,
+        tx=tx,
+        train_sh=train_sh,
+        frozen_sh=frozen_sh,
+        opt_sh=sharding.tree_shardings(opt, mesh, config),
+    )
 
 
 def residuals(task: Any, trainable: Any, frozen: Any, batch: Mapping[str, Any]) -> list[Any]:
@@ -276,9 +283,15 @@ def fsdp_working_set(params: Any, itemsize: int) -> int:
 
 
 BACKWARD = (
-    "gradients", "grad_accumulator", "saved_activations", "recompute", "cotangents", "weights_kept",
-    "fsdp_gather", "input_copy",
-)  # fmt: skip
+    "gradients",
+    "grad_accumulator",
+    "saved_activations",
+    "recompute",
+    "cotangents",
+    "weights_kept",
+    "fsdp_gather",
+    "input_copy",
+)
 
 
 def _uses_axes(spec: PartitionSpec, axes: Sequence[str]) -> bool:
@@ -368,9 +381,13 @@ def lowered_step(
     batch_sh = sharding.batch_sharding(mesh, axes)
     repl = sharding.replicated(mesh)
     state_sh = {
-        "params": state["train_sh"], "frozen": state["frozen_sh"], "opt": state["opt_sh"],
-        "step": repl, "rng": repl, "first_bad": repl,
-    }  # fmt: skip
+        "params": state["train_sh"],
+        "frozen": state["frozen_sh"],
+        "opt": state["opt_sh"],
+        "step": repl,
+        "rng": repl,
+        "first_bad": repl,
+    }
     trees = {"params": state["trainable"], "frozen": state["frozen"], "opt": state["opt"]}
     abstract = {
         k: jax.tree.map(

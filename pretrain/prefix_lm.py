@@ -113,17 +113,24 @@ def _prefill(model: cappa.Model, params: Any, encoded: jax.Array, question: jax.
     rows, plen = pack(question, question[:, :0], pad_id)  # [B, 1 + Lq]: the prefixes, padded
     length = rows.shape[1]
     logits, captured = model.apply(
-        {"params": params}, rows, encoded, prefix_mask(plen, length), method=cappa.Model.decode,
-        capture_intermediates=_kv_only, mutable=["intermediates"],
-    )  # fmt: skip
+        {"params": params},
+        rows,
+        encoded,
+        prefix_mask(plen, length),
+        method=cappa.Model.decode,
+        capture_intermediates=_kv_only,
+        mutable=["intermediates"],
+    )
     captured = captured["intermediates"]
     start = jnp.zeros((rows.shape[0], 1), jnp.int32)
     shapes = jax.eval_shape(
         lambda p, t, e: model.apply(
             {"params": p}, t, e, decode=True, method=cappa.Model.decode, mutable=["cache"]
         )[1]["cache"],
-        params, start, encoded,
-    )  # fmt: skip
+        params,
+        start,
+        encoded,
+    )
     rope = model.txt_kw.get("posemb") == "rope"
     positions = jnp.broadcast_to(jnp.arange(length)[None], rows.shape)
 
@@ -157,9 +164,13 @@ def _cached_step(model: cappa.Model, params: Any, cache: Any, tokens: jax.Array)
     def one(row_cache, token):
         row_cache = jax.tree.map(lambda x: x[None], row_cache)
         logits, out = model.apply(
-            {"params": params, "cache": row_cache}, token[None, None], None, decode=True,
-            method=cappa.Model.decode, mutable=["cache"],
-        )  # fmt: skip
+            {"params": params, "cache": row_cache},
+            token[None, None],
+            None,
+            decode=True,
+            method=cappa.Model.decode,
+            mutable=["cache"],
+        )
         return logits[0, 0], jax.tree.map(lambda x: x[0], out["cache"])
 
     return jax.vmap(one)(cache, tokens)
@@ -186,10 +197,14 @@ def _greedy(model, params, encoded, question, settings: tuple) -> dict:
         logits, state = _recompute(model, params, encoded, question, tokens, 0, pad_id), None
 
     carry = dict(
-        t=jnp.int32(0), tokens=tokens, logprobs=jnp.zeros((rows,), jnp.float32),
-        lengths=jnp.zeros((rows,), jnp.int32), done=jnp.zeros((rows,), bool), logits=logits,
+        t=jnp.int32(0),
+        tokens=tokens,
+        logprobs=jnp.zeros((rows,), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), bool),
+        logits=logits,
         state=state,
-    )  # fmt: skip
+    )
 
     def choose(c):
         logp = jax.nn.log_softmax(decode.forbid_ids(c["logits"], pad_id, vocab_limit))
@@ -308,9 +323,12 @@ def answer_logprobs(
             encoded, _ = model.apply({"params": params}, images, method=cappa.Model.encode)
             inputs = training_inputs(question, answer, pad_id)
             logits = model.apply(
-                {"params": params}, inputs["tokens"], encoded, inputs["mask"],
+                {"params": params},
+                inputs["tokens"],
+                encoded,
+                inputs["mask"],
                 method=cappa.Model.decode,
-            )  # fmt: skip
+            )
             logp = jax.nn.log_softmax(decode.forbid_ids(logits, pad_id, vocab_limit))
             token = jnp.take_along_axis(logp, inputs["targets"][..., None], axis=-1)[..., 0]
             return jnp.sum(jnp.where(inputs["weights"] > 0, token, 0.0), axis=1)

@@ -321,9 +321,14 @@ class ZeroShotEvaluator(_ScoringEvaluator):
         """[B, num classes] template-averaged scores (the evaluator's prediction is the argmax)."""
         encoded, _ = self.model.apply({"params": params}, image, method="encode")
         scores = score_captions(
-            self.model, params, encoded, prompts, self.pad_id,
-            bool(self.cfg["normalize"]), self.cfg["class_batch_size"],
-        )  # fmt: skip
+            self.model,
+            params,
+            encoded,
+            prompts,
+            self.pad_id,
+            bool(self.cfg["normalize"]),
+            self.cfg["class_batch_size"],
+        )
         return average_templates(scores, self.num_templates)
 
     def _batch_sums(self, params: Any, batch: dict, prompts: jax.Array) -> dict[str, jax.Array]:

@@ -108,9 +108,15 @@ class TextEncoder(nn.Module):
         else:
             heads = self.num_heads
             x = vit.MAPHead(
-                heads, self.mlp_dim or 4 * self.width, self.norm, self.mlp_type, self.use_bias,
-                self.dtype, self.kernels, name="map",
-            )(x, real)  # fmt: skip
+                heads,
+                self.mlp_dim or 4 * self.width,
+                self.norm,
+                self.mlp_type,
+                self.use_bias,
+                self.dtype,
+                self.kernels,
+                name="map",
+            )(x, real)
         return nn.Dense(self.embed_dim, use_bias=False, dtype=jnp.float32, name="proj")(
             x.astype(jnp.float32)
         )

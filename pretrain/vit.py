@@ -340,9 +340,13 @@ class MAPHead(nn.Module):
         x = attn(probe, x, mask)
         y = Norm(self.norm, self.use_bias, dtype=self.dtype, name="norm")(x)
         mlp = MlpBlock(
-            self.mlp_dim, self.mlp_type, self.use_bias, dtype=self.dtype, kernels=self.kernels,
+            self.mlp_dim,
+            self.mlp_type,
+            self.use_bias,
+            dtype=self.dtype,
+            kernels=self.kernels,
             name="mlp",
-        )  # fmt: skip
+        )
         return (x + mlp(y))[:, 0]
 
 

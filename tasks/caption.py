@@ -33,6 +33,12 @@ class Task(cappa_task.Task):
 
     def finalize(self, workdir: str) -> None:
         report_utils.write_report(
-            workdir, self.config, title="Caption fine-tune", kind="caption", metrics=_REPORTED,
-            count_key="images", files="captions", filename="caption.md",
-        )  # fmt: skip
+            workdir,
+            self.config,
+            title="Caption fine-tune",
+            kind="caption",
+            metrics=_REPORTED,
+            count_key="images",
+            files="captions",
+            filename="caption.md",
+        )

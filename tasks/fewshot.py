@@ -201,11 +201,14 @@ def _one_run(train: tuple, test: tuple, k: int, seed: int, **settings: Any) -> d
     fitted = fit(x[split.shots], y[split.shots], num_classes)
     l2, holdout_accs = choose_l2(fitted, x[split.holdout], y[split.holdout], l2_grid)
     return dict(
-        seed=seed, accuracy=float(accuracies(fitted, *test, [l2])[0]), l2=l2,
-        num_shots=len(split.shots), num_holdout=len(split.holdout),
+        seed=seed,
+        accuracy=float(accuracies(fitted, *test, [l2])[0]),
+        l2=l2,
+        num_shots=len(split.shots),
+        num_holdout=len(split.holdout),
         holdout_accuracy=[None if np.isnan(a) else float(a) for a in holdout_accs],
         short_classes={str(c): n for c, n in split.short.items()},
-    )  # fmt: skip
+    )
 
 
 def run_protocol(
@@ -238,13 +241,18 @@ def run_protocol(
             f"label {largest} is out of range for num_classes={num_classes}."
         )
     out: dict[str, Any] = dict(
-        num_classes=num_classes, feature_dim=int(train_x.shape[1]), train_size=len(train_y),
-        test_size=len(test_y), shots={},
-    )  # fmt: skip
+        num_classes=num_classes,
+        feature_dim=int(train_x.shape[1]),
+        train_size=len(train_y),
+        test_size=len(test_y),
+        shots={},
+    )
     settings = dict(
-        num_classes=num_classes, l2_grid=l2_grid, holdout_per_class=holdout_per_class,
+        num_classes=num_classes,
+        l2_grid=l2_grid,
+        holdout_per_class=holdout_per_class,
         short_classes=short_classes,
-    )  # fmt: skip
+    )
     for k in shots:
         runs = [
             _one_run((train_x, train_y), (test_x, test_y), int(k), int(seed), **settings)
@@ -389,15 +397,24 @@ class Evaluator:
             pp = resolve_pp(spec["pp"], res)
             train, test = (
                 features.compute(
-                    self._fn, img, split_data(spec, which), pp=pp, batch_size=self.batch_size,
-                    label_key=spec["label_key"], jitted=self._jitted,
+                    self._fn,
+                    img,
+                    split_data(spec, which),
+                    pp=pp,
+                    batch_size=self.batch_size,
+                    label_key=spec["label_key"],
+                    jitted=self._jitted,
                 )
                 for which in ("train", "test")
-            )  # fmt: skip
+            )
             result = run_protocol(
-                train, test, shots=self.cfg["shots"], seeds=self.cfg["seeds"],
-                l2_grid=self.cfg["l2_grid"], holdout_per_class=int(self.cfg["holdout_per_class"]),
+                train,
+                test,
+                shots=self.cfg["shots"],
+                seeds=self.cfg["seeds"],
+                l2_grid=self.cfg["l2_grid"],
+                holdout_per_class=int(self.cfg["holdout_per_class"]),
                 short_classes=self.cfg["short_classes"],
-            )  # fmt: skip
+            )
             out.update({f"{name}/{k}shot": r["mean"] for k, r in result["shots"].items()})
         return out

@@ -53,9 +53,15 @@ PRESETS = {
     "local": ("scenes", "digits"),
     "scenes_factors": ("scenes_shape", "scenes_color", "scenes_count"),
     "big_vision": (
-        "caltech101", "cars196", "cifar100", "dtd", "oxford_iiit_pet", "uc_merced", "imagenet2012",
+        "caltech101",
+        "cars196",
+        "cifar100",
+        "dtd",
+        "oxford_iiit_pet",
+        "uc_merced",
+        "imagenet2012",
     ),
-}  # fmt: skip
+}
 
 
 def select(names: Sequence[str], data_dir: str | None = None) -> dict[str, dict[str, Any]]:

@@ -86,17 +86,26 @@ def probe_dataset(
     sets = {}
     for which in ("train", "test"):
         sets[which] = features.extract(
-            tower, fewshot.split_data(spec, which), pp=pp, layer=config.layer, pooling=config.pooling,
-            batch_size=int(config.batch_size), label_key=spec["label_key"], cache_dir=cache_dir,
-        )  # fmt: skip
+            tower,
+            fewshot.split_data(spec, which),
+            pp=pp,
+            layer=config.layer,
+            pooling=config.pooling,
+            batch_size=int(config.batch_size),
+            label_key=spec["label_key"],
+            cache_dir=cache_dir,
+        )
         state = "read from the cache" if sets[which].cached else "extracted"
         print(f"{name}: {which} features {sets[which].features.shape} {state}", flush=True)
     result = fewshot.run_protocol(
         (sets["train"].features, sets["train"].labels),
         (sets["test"].features, sets["test"].labels),
-        shots=list(config.shots), seeds=list(config.seeds), l2_grid=list(config.l2_grid),
-        holdout_per_class=int(config.holdout_per_class), short_classes=config.short_classes,
-    )  # fmt: skip
+        shots=list(config.shots),
+        seeds=list(config.seeds),
+        l2_grid=list(config.l2_grid),
+        holdout_per_class=int(config.holdout_per_class),
+        short_classes=config.short_classes,
+    )
     return dict(
         tfds_name=spec["name"],
         train_split=spec["train_split"],

@@ -112,11 +112,19 @@ class GenerationEvaluator:
         from pretrain import decode
 
         out = decode.generate(
-            self.model, params, arrays["image"], max_len=self.max_len, eos_id=self.tokenizer.eos_id,
-            pad_id=self.tokenizer.pad_id, method=self.cfg["method"], beam_size=int(self.cfg["beam_size"]),
-            length_penalty=float(self.cfg["length_penalty"]), rng=jax.random.key(int(self.cfg["seed"])),
-            vocab_limit=self.vocab_limit, keep_on_device=True,
-        )  # fmt: skip
+            self.model,
+            params,
+            arrays["image"],
+            max_len=self.max_len,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            method=self.cfg["method"],
+            beam_size=int(self.cfg["beam_size"]),
+            length_penalty=float(self.cfg["length_penalty"]),
+            rng=jax.random.key(int(self.cfg["seed"])),
+            vocab_limit=self.vocab_limit,
+            keep_on_device=True,
+        )
         return out["tokens"][:, 0]
 
     def texts(self, tokens: np.ndarray) -> list[str]:
@@ -170,9 +178,12 @@ class GenerationEvaluator:
         self.write_results(self._last["preds"], os.path.join(folder, f"{name}_step{step}.json"))
         shown, refs, notes = self.page(self._last)
         page = samples_html(
-            self._last["samples"], shown, refs, title=f"{name}: step {step}, {self.describe()}",
+            self._last["samples"],
+            shown,
+            refs,
+            title=f"{name}: step {step}, {self.describe()}",
             notes=notes,
-        )  # fmt: skip
+        )
         with open(os.path.join(folder, f"{name}_samples.html"), "w", encoding="utf-8") as f:
             f.write(page)
 

@@ -59,9 +59,15 @@ class Task(cappa_task.Task):
 
     def finalize(self, workdir: str) -> None:
         report_utils.write_report(
-            workdir, self.config, title="OCR fine-tune", kind="ocr", metrics=_REPORTED,
-            count_key="images", files="ocr", filename="ocr.md",
-        )  # fmt: skip
+            workdir,
+            self.config,
+            title="OCR fine-tune",
+            kind="ocr",
+            metrics=_REPORTED,
+            count_key="images",
+            files="ocr",
+            filename="ocr.md",
+        )
 
 
 # ------------------------------------------------------------------------------------------ evaluator

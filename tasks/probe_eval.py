@@ -150,9 +150,12 @@ def _tower_digest(workdir: str, config: Any, cached: bool) -> tuple[str | None, 
     try:
         if cached:
             tower = features.load_tower(
-                data.checkpoint, step=data.get("step"), subtree=data.get("subtree") or "img",
-                model=data.get("model"), npz_prefix=data.get("npz_prefix") or "",
-            )  # fmt: skip
+                data.checkpoint,
+                step=data.get("step"),
+                subtree=data.get("subtree") or "img",
+                model=data.get("model"),
+                npz_prefix=data.get("npz_prefix") or "",
+            )
         else:  # The run's own checkpoint holds the frozen tower exactly as it was probed.
             tower = features.load_tower(workdir)
     except (FileNotFoundError, ValueError) as e:

@@ -102,9 +102,14 @@ class ImageHead(nn.Module):
         if self.kind == "map":
             mlp_dim = self.mlp_dim or 4 * tokens.shape[-1]
             x = vit.MAPHead(
-                self.num_heads, mlp_dim, self.norm, self.mlp_type, self.use_bias,
-                kernels=self.kernels, name="map",
-            )(tokens)  # fmt: skip
+                self.num_heads,
+                mlp_dim,
+                self.norm,
+                self.mlp_type,
+                self.use_bias,
+                kernels=self.kernels,
+                name="map",
+            )(tokens)
         else:  # "registers": they come last in the token layout (pretrain/vit.py).
             x = jnp.mean(tokens[:, -self.num_registers :], axis=1)
         return nn.Dense(self.embed_dim, use_bias=False, name="proj")(x)
@@ -203,10 +208,14 @@ def model_kwargs(config: Any) -> dict[str, Any]:
             f"config.logit_scale_init = {config.logit_scale_init}: the initial exp(t) must be > 0."
         )
     return dict(
-        img_kw=img, txt_kw=txt, head_kw=head_kw, llip_kw=llip_kw, num_registers=registers,
+        img_kw=img,
+        txt_kw=txt,
+        head_kw=head_kw,
+        llip_kw=llip_kw,
+        num_registers=registers,
         logit_scale_init=float(config.logit_scale_init),
         logit_bias_init=float(config.logit_bias_init),
-    )  # fmt: skip
+    )
 
 
 def _check_tokenizer(config: Any) -> None:
@@ -277,10 +286,15 @@ class Task:
         img = self.embed_images(params, batch["image"])
         txt = self.embed_texts(params, batch[self.text_key], train=True, rng=rng)
         loss = sigmoid_loss.chunked_sigmoid_loss(
-            img, txt, params["t"], params["b"],
-            pair_logits=self._pair_logits, pair_params=params.get("llip"),
-            batch_axes=self.config.get("batch_axes"), mode=self.config.loss_mode,
-        )  # fmt: skip
+            img,
+            txt,
+            params["t"],
+            params["b"],
+            pair_logits=self._pair_logits,
+            pair_params=params.get("llip"),
+            batch_axes=self.config.get("batch_axes"),
+            mode=self.config.loss_mode,
+        )
         return loss, {"t": jnp.exp(params["t"]), "b": params["b"]}
 
     def eval_metrics(self, params: dict, batch: dict) -> dict[str, jax.Array]:

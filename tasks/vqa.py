@@ -105,9 +105,15 @@ class Task(cappa_task.Task):
 
     def finalize(self, workdir: str) -> None:
         report_utils.write_report(
-            workdir, self.config, title="VQA fine-tune", kind="vqa", metrics=_REPORTED,
-            count_key="questions", files="vqa", filename="vqa.md",
-        )  # fmt: skip
+            workdir,
+            self.config,
+            title="VQA fine-tune",
+            kind="vqa",
+            metrics=_REPORTED,
+            count_key="questions",
+            files="vqa",
+            filename="vqa.md",
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the CLI
@@ -142,10 +148,15 @@ def answer_questions(args: argparse.Namespace) -> list[dict[str, Any]]:
     question = tok.encode(args.questions, int(run.config.question_len))
     vocab = int(model.txt_kw["vocab_size"])
     out = prefix_lm.generate(
-        model, run.params, np.repeat(image, len(question), axis=0), question,
-        max_len=int(run.config.answer_len), eos_id=tok.eos_id, pad_id=tok.pad_id,
+        model,
+        run.params,
+        np.repeat(image, len(question), axis=0),
+        question,
+        max_len=int(run.config.answer_len),
+        eos_id=tok.eos_id,
+        pad_id=tok.pad_id,
         vocab_limit=tok.vocab_size if tok.vocab_size < vocab else None,
-    )  # fmt: skip
+    )
     answers = [a.strip() for a in tok.decode(out["tokens"])]
     if run.config.get("spell_numbers"):
         answers = [vqa_pp.digits_from_words(a) for a in answers]

@@ -151,10 +151,16 @@ class VqaEvaluator(generation_eval.GenerationEvaluator):
         from pretrain import prefix_lm
 
         out = prefix_lm.generate(
-            self.model, params, arrays["image"], arrays["prefix"], max_len=self.max_len,
-            eos_id=self.tokenizer.eos_id, pad_id=self.tokenizer.pad_id,
-            vocab_limit=self.vocab_limit, keep_on_device=True,
-        )  # fmt: skip
+            self.model,
+            params,
+            arrays["image"],
+            arrays["prefix"],
+            max_len=self.max_len,
+            eos_id=self.tokenizer.eos_id,
+            pad_id=self.tokenizer.pad_id,
+            vocab_limit=self.vocab_limit,
+            keep_on_device=True,
+        )
         return out["tokens"]
 
     def texts(self, tokens: np.ndarray) -> list[str]:

@@ -230,9 +230,12 @@ def classify_files(args: argparse.Namespace) -> list[dict[str, Any]]:
     params = jax.device_put(run.params)
     embed_texts = jax.jit(run.task.embed_texts)
     classes = class_embeddings(
-        lambda t: embed_texts(params, t), tokens, len(templates), args.batch_size,
+        lambda t: embed_texts(params, t),
+        tokens,
+        len(templates),
+        args.batch_size,
         run.tokenizer.pad_id,
-    )  # fmt: skip
+    )
     embed_images, similarity = jax.jit(run.task.embed_images), jax.jit(run.task.similarity)
     top = min(args.top, len(names))
     results = []

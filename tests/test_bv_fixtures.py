@@ -43,10 +43,15 @@ def _close(ours, ref) -> None:
 def _vit_cfg(m: dict, scan: bool) -> dict:
     """big_vision ViT fields -> our ViT config keys."""
     return dict(
-        width=m["width"], depth=m["depth"], mlp_dim=m["mlp_dim"], num_heads=m["num_heads"],
+        width=m["width"],
+        depth=m["depth"],
+        mlp_dim=m["mlp_dim"],
+        num_heads=m["num_heads"],
         patch_size=tuple(m["patch_size"]) if "patch_size" in m else tuple(m["patches"]),
-        posemb=m.get("posemb", m.get("posemb_type")), scan=scan, cls_posemb=False,
-    )  # fmt: skip
+        posemb=m.get("posemb", m.get("posemb_type")),
+        scan=scan,
+        cls_posemb=False,
+    )
 
 
 def _tower_out(tower: features.Tower, image: np.ndarray) -> dict:
@@ -125,9 +130,14 @@ def _cappa_config(meta: dict, scan: bool, **txt) -> ml_collections.ConfigDict:
     m = meta["model_all_fields"]
     enc = dict(_vit_cfg(dict(m, width=m["emb_dim"], depth=m["num_layers"]), scan), pool_type="none")
     dec = dict(
-        vocab_size=m["vocab_size"], depth=m["decoder_num_layers"], max_len=m["seq_len"],
-        mlp_dim=m["decoder_mlp_dim"] or m["mlp_dim"], use_bias=m["decoder_bias"], scan=scan, **txt,
-    )  # fmt: skip
+        vocab_size=m["vocab_size"],
+        depth=m["decoder_num_layers"],
+        max_len=m["seq_len"],
+        mlp_dim=m["decoder_mlp_dim"] or m["mlp_dim"],
+        use_bias=m["decoder_bias"],
+        scan=scan,
+        **txt,
+    )
     base = dict(task="pretrain.cappa_task", model=dict(img=enc, txt=dec))
     return train.prepare_config(ml_collections.ConfigDict(base))[0]
 

@@ -36,11 +36,27 @@ def cappa_config(data_dir, tokenizer, **overrides):
         shuffle_buffer_size=64,
     )
     c.model = dict(
-        img=dict(width=32, depth=1, num_heads=2, patch_size=8, num_registers=2, norm="rmsnorm",
-                 normformer=True, mlp_type="geglu", use_bias=False),
-        txt=dict(vocab_size=tokenizer.vocab_size, depth=1, max_len=MAX_LEN, norm="rmsnorm",
-                 normformer=True, mlp_type="geglu", use_bias=False),
-    )  # fmt: skip
+        img=dict(
+            width=32,
+            depth=1,
+            num_heads=2,
+            patch_size=8,
+            num_registers=2,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+        ),
+        txt=dict(
+            vocab_size=tokenizer.vocab_size,
+            depth=1,
+            max_len=MAX_LEN,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+        ),
+    )
     c.optax_name = "adamw"
     c.lr = 3e-3
     c.schedule = dict(decay_type="cosine", warmup_steps=1)

@@ -26,13 +26,30 @@ HERE = os.path.join(os.path.dirname(__file__), "fixtures", "clip_jax")
 TOL = 1e-4
 # The reproduction's family, as clip-jax's config.json of cappa_keepreg / cappa_dropreg says it.
 IMG = dict(
-    width=32, depth=2, mlp_dim=64, num_heads=2, patch_size=8, norm="rmsnorm", normformer=True,
-    mlp_type="geglu", use_bias=False, num_registers=4, pool_type="none", posemb="learn",
-)  # fmt: skip
+    width=32,
+    depth=2,
+    mlp_dim=64,
+    num_heads=2,
+    patch_size=8,
+    norm="rmsnorm",
+    normformer=True,
+    mlp_type="geglu",
+    use_bias=False,
+    num_registers=4,
+    pool_type="none",
+    posemb="learn",
+)
 TXT = dict(
-    vocab_size=100, depth=2, mlp_dim=64, max_len=12, norm="rmsnorm", normformer=True,
-    mlp_type="geglu", use_bias=False, posemb="rope",
-)  # fmt: skip
+    vocab_size=100,
+    depth=2,
+    mlp_dim=64,
+    max_len=12,
+    norm="rmsnorm",
+    normformer=True,
+    mlp_type="geglu",
+    use_bias=False,
+    posemb="rope",
+)
 
 
 def _io(name: str) -> dict:

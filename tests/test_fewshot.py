@@ -150,9 +150,17 @@ def _synthetic_report():
     )
     dataset = dict(tfds_name="blobs", train_split="train", test_split="test", pp="decode", **result)
     protocol = dict(
-        checkpoint="ckpt", digest="ab" * 32, step=7, layer="final", pooling="gap", resolution=32,
-        shots=[1, 3], seeds=[0, 1], l2_grid=fewshot.L2_GRID, holdout_per_class=5,
-    )  # fmt: skip
+        checkpoint="ckpt",
+        digest="ab" * 32,
+        step=7,
+        layer="final",
+        pooling="gap",
+        resolution=32,
+        shots=[1, 3],
+        seeds=[0, 1],
+        l2_grid=fewshot.L2_GRID,
+        holdout_per_class=5,
+    )
     return dict(protocol=protocol, datasets={"blobs": dataset})
 
 
@@ -236,9 +244,15 @@ def tiny_run(tmp_path_factory, data_dir):
 def test_cli_report_matches_the_live_evaluator_and_reuses_the_cache(tiny_run, data_dir, tmp_path):
     last = metrics.read_jsonl(os.path.join(tiny_run, "metrics.jsonl"))[-1]
     argv = [
-        "probe", "--checkpoint", tiny_run, "--config", f"configs/fewshot.py:digits,data_dir={data_dir}",
-        "--config.shots=(1, 5)", "--config.seeds=(0, 1)", f"--config.cache_dir={tmp_path / 'cache'}",
-    ]  # fmt: skip
+        "probe",
+        "--checkpoint",
+        tiny_run,
+        "--config",
+        f"configs/fewshot.py:digits,data_dir={data_dir}",
+        "--config.shots=(1, 5)",
+        "--config.seeds=(0, 1)",
+        f"--config.cache_dir={tmp_path / 'cache'}",
+    ]
     assert cli.main(argv) == 0
     report = json.load(open(os.path.join(tiny_run, "fewshot", "fewshot.json")))
     p, d = report["protocol"], report["datasets"]["digits"]

@@ -204,8 +204,15 @@ def test_probe_evaluator_chooses_on_val_only(live_probe, data_dir):
     kernels = [np.linalg.pinv(f) @ (10 * np.eye(42)[y]) for f, y in data]
     for (f, y), w in zip(data, kernels, strict=True):
         assert np.mean((f @ w).argmax(-1) == y) == 1.0  # Each head is perfect on its own split.
-    params = dict(params, head={"classifier": {"kernel": np.stack(kernels).astype(np.float32),
-                                               "bias": np.zeros((3, 42), np.float32)}})  # fmt: skip
+    params = dict(
+        params,
+        head={
+            "classifier": {
+                "kernel": np.stack(kernels).astype(np.float32),
+                "bias": np.zeros((3, 42), np.float32),
+            }
+        },
+    )
     param_sh = sharding.tree_shardings(jax.eval_shape(lambda: params), mesh, config)
     params = jax.device_put(params, param_sh)
     for test_index in (1, 2):  # Test = the split head 1 (then head 2) is perfect on.
@@ -233,16 +240,33 @@ def _run_config(data_dir, tower_run, cache_dir, cached):
     data = dict(name="scenes/tiny", split="train[:48]", data_dir=data_dir)
     if cached:
         data.update(
-            source="pretrain.features:CachedSource", checkpoint=tower_run, layer="final",
-            pooling="gap", pp=PP, cache_dir=cache_dir, batch_size=16,
-        )  # fmt: skip
+            source="pretrain.features:CachedSource",
+            checkpoint=tower_run,
+            layer="final",
+            pooling="gap",
+            pp=PP,
+            cache_dir=cache_dir,
+            batch_size=16,
+        )
     return _config(
-        seed=3, total_steps=4, wd_sweep=(0.0, 0.01), optax_name="adam", lr=0.01,
-        input=dict(data=data, batch_size=16, pp="keep('features', 'label')" if cached else PP,
-                   shuffle_buffer_size=64),
-        model_init=None if cached else tower_run, log_training_steps=2, ckpt_steps=4,
-        evals=dict(probe=dict(type="probe", val=dict(split="train[48:]"), test=dict(split="validation"))),
-    )  # fmt: skip
+        seed=3,
+        total_steps=4,
+        wd_sweep=(0.0, 0.01),
+        optax_name="adam",
+        lr=0.01,
+        input=dict(
+            data=data,
+            batch_size=16,
+            pp="keep('features', 'label')" if cached else PP,
+            shuffle_buffer_size=64,
+        ),
+        model_init=None if cached else tower_run,
+        log_training_steps=2,
+        ckpt_steps=4,
+        evals=dict(
+            probe=dict(type="probe", val=dict(split="train[48:]"), test=dict(split="validation"))
+        ),
+    )
 
 
 def test_cached_probe_equals_live_probe_and_report(tiny_run, data_dir, tmp_path):

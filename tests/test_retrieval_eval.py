@@ -296,10 +296,13 @@ def test_zeroshot_embed_matches_numpy_argmax(fake, data_dir, scenes_tokenizer):
         fake,
         retrieval_eval.ZeroShotEmbedEvaluator,
         dict(
-            type="zeroshot_embed", pp="decode|value_range(-1, 1)|keep('image', 'label')",
-            class_names_file=SCENES_CLASSES, templates_file=SCENES_TEMPLATES, text_batch_size=40,
+            type="zeroshot_embed",
+            pp="decode|value_range(-1, 1)|keep('image', 'label')",
+            class_names_file=SCENES_CLASSES,
+            templates_file=SCENES_TEMPLATES,
+            text_batch_size=40,
         ),
-    )  # fmt: skip
+    )
     got = run()
     images, _, labels = _split(data_dir, "train")
     text = numpy_class_embeddings(task, pp_text.get_tokenizer(scenes_tokenizer.path))
@@ -359,8 +362,11 @@ def test_evaluator_config_errors(fake):
     with pytest.raises(ValueError, match="exactly one of class_names"):
         _evaluator(fake, cls, base)
     with pytest.raises(ValueError, match="not both"):
-        _evaluator(fake, cls, dict(base, class_names=["a", "b"], templates=["{}"],
-                                   templates_file=SCENES_TEMPLATES))  # fmt: skip
+        _evaluator(
+            fake,
+            cls,
+            dict(base, class_names=["a", "b"], templates=["{}"], templates_file=SCENES_TEMPLATES),
+        )
     with pytest.raises(ValueError, match="exactly once"):
         _evaluator(fake, cls, dict(base, class_names=["a", "b"], templates=["a photo"]))
     with pytest.raises(ValueError, match="needs .* tokens"):  # a prompt would be truncated
@@ -385,25 +391,41 @@ def siglit_run(data_dir, scenes_tokenizer, tmp_path_factory):
         dict(
             task="tasks.siglit",
             tokenizer=scenes_tokenizer.path,
-            input=dict(data=dict(name="scenes/tiny", split="train", data_dir=data_dir),
-                       batch_size=16, pp=caption_pp, shuffle_buffer_size=16),
+            input=dict(
+                data=dict(name="scenes/tiny", split="train", data_dir=data_dir),
+                batch_size=16,
+                pp=caption_pp,
+                shuffle_buffer_size=16,
+            ),
             model=dict(
-                img=dict(width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=16, num_registers=2),
-                txt=dict(vocab_size=pp_text.get_tokenizer(scenes_tokenizer.path).vocab_size, depth=1,
-                         mlp_dim=64, max_len=MAX_LEN),
+                img=dict(
+                    width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=16, num_registers=2
+                ),
+                txt=dict(
+                    vocab_size=pp_text.get_tokenizer(scenes_tokenizer.path).vocab_size,
+                    depth=1,
+                    mlp_dim=64,
+                    max_len=MAX_LEN,
+                ),
             ),
             total_steps=4,
             lr=1e-3,
             log_training_steps=2,
             ckpt_steps=4,
             evals=dict(
-                zs=dict(type="zeroshot_embed", data=dict(split="validation"),
-                        pp="decode|value_range(-1, 1)|keep('image', 'label')",
-                        class_names_file=SCENES_CLASSES, templates_file=SCENES_TEMPLATES),
-                ret=dict(type="retrieval", data=dict(split="validation"), pp="decode|value_range(-1, 1)"),
+                zs=dict(
+                    type="zeroshot_embed",
+                    data=dict(split="validation"),
+                    pp="decode|value_range(-1, 1)|keep('image', 'label')",
+                    class_names_file=SCENES_CLASSES,
+                    templates_file=SCENES_TEMPLATES,
+                ),
+                ret=dict(
+                    type="retrieval", data=dict(split="validation"), pp="decode|value_range(-1, 1)"
+                ),
             ),
         )
-    )  # fmt: skip
+    )
     config, _ = train.prepare_config(config)
     workdir = str(tmp_path_factory.mktemp("siglit"))
     train.train(config, workdir)
@@ -436,8 +458,19 @@ def test_cli_prints_sigmoid_probabilities_of_top_classes(siglit_run, data_dir, t
         path = str(tmp_path / f"img{i}.png")
         Image.fromarray(((images[i] + 1) * 127.5).round().astype(np.uint8)).save(path)
         paths.append(path)
-    argv = ["zeroshot", "--checkpoint", siglit_run, "--classes", SCENES_CLASSES,
-            "--templates", SCENES_TEMPLATES, *paths, "--top", "3", "--json"]  # fmt: skip
+    argv = [
+        "zeroshot",
+        "--checkpoint",
+        siglit_run,
+        "--classes",
+        SCENES_CLASSES,
+        "--templates",
+        SCENES_TEMPLATES,
+        *paths,
+        "--top",
+        "3",
+        "--json",
+    ]
     assert cli.main(argv) == 0
     got = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     # Reference: the run's own functions on the same pixels, the ensemble and the logits in numpy.
@@ -461,8 +494,16 @@ def test_cli_prints_sigmoid_probabilities_of_top_classes(siglit_run, data_dir, t
 def test_cli_errors(siglit_run, tmp_path, capsys):
     bad = tmp_path / "t.txt"
     bad.write_text("no placeholder\n")
-    argv = ["zeroshot", "--checkpoint", siglit_run, "--classes", SCENES_CLASSES, "--templates",
-            str(bad), "x.png"]  # fmt: skip
+    argv = [
+        "zeroshot",
+        "--checkpoint",
+        siglit_run,
+        "--classes",
+        SCENES_CLASSES,
+        "--templates",
+        str(bad),
+        "x.png",
+    ]
     assert cli.main(argv) == 2
     assert "must contain '{}' exactly once" in capsys.readouterr().err
     argv = ["zeroshot", "--checkpoint", siglit_run, "--classes", SCENES_CLASSES, "missing.png"]

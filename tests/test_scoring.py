@@ -247,9 +247,13 @@ def test_zeroshot_evaluator_matches_direct_argmax(setup, reference):
     want1, want5 = np.mean(permuted.argmax(1) == labels), np.mean((top5 == labels[:, None]).any(1))
     assert want1 > 0 and 0.25 < want5 < 1
     eval_cfg = dict(
-        type="zeroshot", pp=eval_pp, templates=TEMPLATES, class_batch_size=32,
-        class_names=[base[perm[c]] for c in range(42)], log_steps=10,
-    )  # fmt: skip
+        type="zeroshot",
+        pp=eval_pp,
+        templates=TEMPLATES,
+        class_batch_size=32,
+        class_names=[base[perm[c]] for c in range(42)],
+        log_steps=10,
+    )
     evaluator, params, mesh = _build(setup, scoring.ZeroShotEvaluator, eval_cfg)
     with jax.set_mesh(mesh):
         got = jax.jit(evaluator.class_scores)(params, batch["image"], evaluator.prompts)

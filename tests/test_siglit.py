@@ -22,13 +22,28 @@ from transfer import config as config_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAX_LEN = 16
 IMG = dict(
-    width=32, depth=1, mlp_dim=64, num_heads=2, patch_size=8, num_registers=2,
-    norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False, pool_type="none",
-)  # fmt: skip
+    width=32,
+    depth=1,
+    mlp_dim=64,
+    num_heads=2,
+    patch_size=8,
+    num_registers=2,
+    norm="rmsnorm",
+    normformer=True,
+    mlp_type="geglu",
+    use_bias=False,
+    pool_type="none",
+)
 TXT = dict(
-    depth=2, mlp_dim=64, max_len=MAX_LEN, norm="rmsnorm", normformer=True, mlp_type="geglu",
-    use_bias=False, posemb="learn",
-)  # fmt: skip
+    depth=2,
+    mlp_dim=64,
+    max_len=MAX_LEN,
+    norm="rmsnorm",
+    normformer=True,
+    mlp_type="geglu",
+    use_bias=False,
+    posemb="learn",
+)
 NEW_PARAMS = ["img_head/.*", "llip/.*", "txt/proj/.*", "txt/map/.*", "t", "b"]
 
 

@@ -85,9 +85,11 @@ def test_no_import_cycle_and_layers_point_one_way():
     assert "transfer.pp" in graph and "tasks.fewshot" in graph
     assert find_cycle(graph) is None, f"import cycle: {' -> '.join(find_cycle(graph))}"
     upward = [
-        (a, b) for a, targets in graph.items() for b in targets
+        (a, b)
+        for a, targets in graph.items()
+        for b in targets
         if LAYER[b.split(".")[0]] > LAYER[a.split(".")[0]]
-    ]  # fmt: skip
+    ]
     assert not upward, f"imports against tasks -> pretrain -> transfer: {upward}"
 
 

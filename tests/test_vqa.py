@@ -99,9 +99,10 @@ def random_model(scan: bool, posemb: str):
     cfg = dict(
         dtype="float32",
         img=dict(cappa.MODEL_DEFAULTS["img"], width=32, depth=1, num_heads=2, patch_size=8),
-        txt=dict(cappa.MODEL_DEFAULTS["txt"], vocab_size=7, depth=2, max_len=10, posemb=posemb,
-                 scan=scan),
-    )  # fmt: skip
+        txt=dict(
+            cappa.MODEL_DEFAULTS["txt"], vocab_size=7, depth=2, max_len=10, posemb=posemb, scan=scan
+        ),
+    )
     model = cappa.Model(**cappa.model_kwargs(cfg))
     images = np.asarray(jax.random.normal(jax.random.key(1), (6, 16, 16, 3)))
     shapes = jax.eval_shape(model.init, jax.random.key(0), images[:1], jnp.zeros((1, 1), jnp.int32))
@@ -205,11 +206,27 @@ def vqa_config(data_dir, tok, **overrides):
         shuffle_buffer_size=64,
     )
     c.model = dict(
-        img=dict(width=32, depth=1, num_heads=2, patch_size=8, num_registers=2, norm="rmsnorm",
-                 normformer=True, mlp_type="geglu", use_bias=False),
-        txt=dict(vocab_size=tok.vocab_size, depth=1, max_len=QLEN + ALEN, norm="rmsnorm",
-                 normformer=True, mlp_type="geglu", use_bias=False),
-    )  # fmt: skip
+        img=dict(
+            width=32,
+            depth=1,
+            num_heads=2,
+            patch_size=8,
+            num_registers=2,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+        ),
+        txt=dict(
+            vocab_size=tok.vocab_size,
+            depth=1,
+            max_len=QLEN + ALEN,
+            norm="rmsnorm",
+            normformer=True,
+            mlp_type="geglu",
+            use_bias=False,
+        ),
+    )
     c.optax_name = "adamw"
     c.lr = 3e-3
     c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))

@@ -173,9 +173,12 @@ _TEXTVQA = "an official TextVQA file (TextVQA_0.5.1_<split>.json)"
 @functools.cache
 def _vqav2_table(questions: str, annotations: str, images: str, part: str) -> Table:
     qs = _records(
-        _load(questions, _QUESTIONS, "questions"), questions, _QUESTIONS, "questions",
+        _load(questions, _QUESTIONS, "questions"),
+        questions,
+        _QUESTIONS,
+        "questions",
         ("question_id", "image_id", "question"),
-    )  # fmt: skip
+    )
     fields = ("question_id", "answers", "multiple_choice_answer", "answer_type", "question_type")
     anns = _records(
         _load(annotations, _ANSWERS, "annotations"), annotations, _ANSWERS, "annotations", fields

@@ -67,8 +67,9 @@ def plot_run(workdir: str, keys: Sequence[str] | None = None, out_name: str = "c
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
     # Fixed margins: tight_layout measures every text box and costs as much as drawing the figure.
-    fig.subplots_adjust(left=0.06, right=0.98, bottom=0.3 / rows_n, top=1 - 0.25 / rows_n,
-                        hspace=0.55, wspace=0.3)  # fmt: skip
+    fig.subplots_adjust(
+        left=0.06, right=0.98, bottom=0.3 / rows_n, top=1 - 0.25 / rows_n, hspace=0.55, wspace=0.3
+    )
     path = os.path.join(workdir, out_name)
     fig.savefig(path, dpi=100)
     plt.close(fig)

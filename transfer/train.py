@@ -254,9 +254,21 @@ def setup(config: ml_collections.ConfigDict, workdir: str, devices: list | None 
         config, task=task, mesh=mesh, batch_sharding=batch_shard, param_shardings=param_sh
     )
     return Run(
-        config, workdir, task, mesh, batch_shard, state, step_fn, data_iter, first_batch, mngr,
-        resume_step or 0, evals, contracts.TaskHooks.of(task), cost_fn,
-    )  # fmt: skip
+        config,
+        workdir,
+        task,
+        mesh,
+        batch_shard,
+        state,
+        step_fn,
+        data_iter,
+        first_batch,
+        mngr,
+        resume_step or 0,
+        evals,
+        contracts.TaskHooks.of(task),
+        cost_fn,
+    )
 
 
 def load_model_init(
@@ -280,10 +292,14 @@ def load_model_init(
         )
     loader = registry.import_object(load_cfg.loader)
     loaded, report = loader(
-        jax.device_get(params), config.model_init, prefix=load_cfg.src_subtree,
-        dst_prefix=load_cfg.dst_subtree, dont_load=list(load_cfg.dont_load),
-        skip=list(load_cfg.get("skip") or []), model=config.get("model", {}).to_dict(),
-    )  # fmt: skip
+        jax.device_get(params),
+        config.model_init,
+        prefix=load_cfg.src_subtree,
+        dst_prefix=load_cfg.dst_subtree,
+        dont_load=list(load_cfg.dont_load),
+        skip=list(load_cfg.get("skip") or []),
+        model=config.get("model", {}).to_dict(),
+    )
     counts = {f"model_init/{k}": v for k, v in report.items() if isinstance(v, int)}
     return jax.device_put(loaded, param_sh), counts
 
@@ -350,9 +366,12 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
     }
     config = run.config
     perf = flops.measure_step(
-        run.cost_fn, (state, batch), config.input.batch_size, run.mesh,
+        run.cost_fn,
+        (state, batch),
+        config.input.batch_size,
+        run.mesh,
         config.peak_flops_per_device,
-    )  # fmt: skip
+    )
     if run.hooks.flops_per_example:  # The task knows its model FLOPs better than XLA.
         perf = dataclasses.replace(perf, flops_per_example=run.hooks.flops_per_example(local_batch))
     metrics.log(perf.describe())
@@ -380,8 +399,12 @@ def _zero_step_run(run: Run) -> RunResult:
 def run_loop(run: Run) -> RunResult:
     """Steps, logging, evaluation, checkpoints, preemption: the only loop every task runs."""
     config, workdir, state, data_iter, mngr = (
-        run.config, run.workdir, run.state, run.data_iter, run.mngr
-    )  # fmt: skip
+        run.config,
+        run.workdir,
+        run.state,
+        run.data_iter,
+        run.mngr,
+    )
     step_fn, batch_shard, start_step, evals = (
         run.step_fn,
         run.batch_sharding,

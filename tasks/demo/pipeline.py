@@ -44,13 +44,30 @@ class Scale:
 
 
 # Step counts keep the whole demo under 15 minutes on 2 idle cores (stage times: the report, docs/demo.md).
-FULL = Scale("", None, dict(supervised=500, probe=200, siglit=250, caption=200, vqa=200, ocr=200), 256,
-             "validation[:200]", (1, 5, 10, 25),
-             ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"), "train[:3000]", {})  # fmt: skip
+FULL = Scale(
+    "",
+    None,
+    dict(supervised=500, probe=200, siglit=250, caption=200, vqa=200, ocr=200),
+    256,
+    "validation[:200]",
+    (1, 5, 10, 25),
+    ("scenes", "scenes_shape", "scenes_color", "scenes_count", "digits"),
+    "train[:3000]",
+    {},
+)
 # Smoke few-shot on digits: scenes/tiny has fewer than one image per class. One layer per tower: compiling
 # the unscanned layers is most of a smoke stage's time.
-SMOKE = Scale("/tiny", 4, dict(supervised=4, probe=4, siglit=4, caption=4, vqa=4, ocr=4), 96, "validation",
-              (1, 2), ("digits",), None, {"model.img.depth": 1, "model.txt.depth": 1})  # fmt: skip
+SMOKE = Scale(
+    "/tiny",
+    4,
+    dict(supervised=4, probe=4, siglit=4, caption=4, vqa=4, ocr=4),
+    96,
+    "validation",
+    (1, 2),
+    ("digits",),
+    None,
+    {"model.img.depth": 1, "model.txt.depth": 1},
+)
 
 
 # The towers every transfer compares: the CapPa-pretrained one and its random-init twin (same shape and seed,
@@ -123,8 +140,13 @@ def stage_data(ctx: Context) -> dict:
         ["digits"] if "digits" in ctx.scale.fewshot_datasets else []
     )
     for name in names:
-        input_pipeline.get_builder({"name": ctx.data(name) if name != "digits" else name, "split": "train",
-                                    "data_dir": ctx.data_dir})  # fmt: skip
+        input_pipeline.get_builder(
+            {
+                "name": ctx.data(name) if name != "digits" else name,
+                "split": "train",
+                "data_dir": ctx.data_dir,
+            }
+        )
     return {"datasets": names}
 
 
@@ -186,9 +208,15 @@ def stage_supervised(ctx: Context) -> dict:
     )
     model = dict(cappa.model.img.to_dict(), pool_type="gap")
     steps = ctx.scale.transfer_steps["supervised"]
-    overrides = {"input.data.name": ctx.data("scenes"), "model": model, "seed": cappa.seed,
-                 "total_steps": steps, "ckpt_steps": steps, "input.batch_size": cappa.input.batch_size,
-                 "evals.val.log_steps": None}  # fmt: skip
+    overrides = {
+        "input.data.name": ctx.data("scenes"),
+        "model": model,
+        "seed": cappa.seed,
+        "total_steps": steps,
+        "ckpt_steps": steps,
+        "input.batch_size": cappa.input.batch_size,
+        "evals.val.log_steps": None,
+    }
     return run_training(ctx, "supervised", "configs/classify.py", overrides)
 
 
@@ -221,8 +249,11 @@ def stage_fewshot(ctx: Context) -> dict:
 def stage_map_probe(ctx: Context) -> dict:
     out = {}
     for tower in PROBE_TOWERS:
-        overrides = {"input.data.name": ctx.data("scenes"), "input.data.cache_dir": ctx.path("feature_cache"),
-                     **_steps(ctx, "probe")}  # fmt: skip
+        overrides = {
+            "input.data.name": ctx.data("scenes"),
+            "input.data.cache_dir": ctx.path("feature_cache"),
+            **_steps(ctx, "probe"),
+        }
         spec = f"configs/linear_probe.py:head=map,checkpoint={ctx.path(tower, 'run')}"
         out[tower] = run_training(ctx, f"map_probe/{tower}", spec, overrides)
     return out
@@ -231,8 +262,12 @@ def stage_map_probe(ctx: Context) -> dict:
 def stage_siglit(ctx: Context) -> dict:
     """A text tower trained from scratch against each frozen tower, same recipe and steps: the image tower is
     the only difference (at 250 steps, starting the text tower from CapPa's decoder did worse: docs/demo_sweep.md)."""
-    overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "siglit"),
-                 "model.txt.vocab_size": ctx.scale.vocab_size, **ctx.scale.model}  # fmt: skip
+    overrides = {
+        "input.data.name": ctx.data("scenes"),
+        **_steps(ctx, "siglit"),
+        "model.txt.vocab_size": ctx.scale.vocab_size,
+        **ctx.scale.model,
+    }
     out = {}
     for tower in TOWERS:
         spec = f"configs/siglit.py:tower={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer},txt_init=scratch"
@@ -246,10 +281,16 @@ def stage_caption(ctx: Context) -> dict:
     split = ctx.scale.eval_split
     out = {}
     for tower in TOWERS:
-        overrides = {"input.data.name": ctx.data("scenes"), **_steps(ctx, "caption"),
-                     "model.txt.vocab_size": ctx.scale.vocab_size, "tokenizer": ctx.tokenizer,
-                     "evals.zeroshot.data.split": split, "evals.val.data.split": split,
-                     "evals.caption.data.split": split, **ctx.scale.model}  # fmt: skip
+        overrides = {
+            "input.data.name": ctx.data("scenes"),
+            **_steps(ctx, "caption"),
+            "model.txt.vocab_size": ctx.scale.vocab_size,
+            "tokenizer": ctx.tokenizer,
+            "evals.zeroshot.data.split": split,
+            "evals.val.data.split": split,
+            "evals.caption.data.split": split,
+            **ctx.scale.model,
+        }
         spec = f"configs/caption_coco.py:init={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer}"
         if tower != "pretrain":  # no collapse check: a random init has no zero-shot ability to lose
             evals = train_config(ctx, spec, overrides).evals.to_dict()
@@ -266,8 +307,14 @@ def _answer_stage(ctx: Context, stage: str, dataset: str) -> dict:
     kept = {name: evals[name] for name in ("val", stage)}
     for cfg in kept.values():
         cfg["data"]["split"] = ctx.scale.eval_split
-    overrides = {"input.data.name": ctx.data(dataset), "model.txt.vocab_size": ctx.scale.vocab_size,
-                 "evals": kept, "eval_at_start": False, **_steps(ctx, stage), **ctx.scale.model}  # fmt: skip
+    overrides = {
+        "input.data.name": ctx.data(dataset),
+        "model.txt.vocab_size": ctx.scale.vocab_size,
+        "evals": kept,
+        "eval_at_start": False,
+        **_steps(ctx, stage),
+        **ctx.scale.model,
+    }
     out = {}
     for tower in TOWERS:
         spec = f"configs/{stage}.py:init={ctx.path(tower, 'run')},tokenizer={ctx.tokenizer}"
@@ -291,8 +338,10 @@ def stage_attention(ctx: Context) -> dict:
     from pretrain import attention
     from transfer import input_pipeline
 
-    cfg = {"data": {"name": ctx.data("scenes"), "split": "validation[:2]", "data_dir": ctx.data_dir},
-           "pp": "decode|keep('image')"}  # fmt: skip
+    cfg = {
+        "data": {"name": ctx.data("scenes"), "split": "validation[:2]", "data_dir": ctx.data_dir},
+        "pp": "decode|keep('image')",
+    }
     batch = next(
         iter(input_pipeline.eval_batches(cfg, batch_size=2, process_index=0, process_count=1))
     )

@@ -51,8 +51,13 @@ def _row(
     lower_is_better: bool = False,
 ) -> dict:
     """`values`: {tower: value or (mean, std)}."""
-    row: dict[str, Any] = dict(transfer=transfer, metric=metric, baseline=baseline,
-                               baseline_is=baseline_is, lower_is_better=lower_is_better)  # fmt: skip
+    row: dict[str, Any] = dict(
+        transfer=transfer,
+        metric=metric,
+        baseline=baseline,
+        baseline_is=baseline_is,
+        lower_is_better=lower_is_better,
+    )
     for tower in TOWERS:
         value = values.get(tower)
         mean, std = value if isinstance(value, tuple) else (value, None)
@@ -98,25 +103,51 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
                 _row(f"few-shot linear probe, {dataset}", f"{k}-shot top-1", values, None, "-")
             )
     if "map_probe" in results:
-        rows.append(_row("MAP probe (trained, wd sweep), scenes", "test top-1",
-                         _per_tower(results, "map_probe", "probe/prec@1"), None, "-"))  # fmt: skip
+        rows.append(
+            _row(
+                "MAP probe (trained, wd sweep), scenes",
+                "test top-1",
+                _per_tower(results, "map_probe", "probe/prec@1"),
+                None,
+                "-",
+            )
+        )
     if "siglit" in results:
         classes = _final(results, "siglit").get("zeroshot/classes")
-        rows.append(_row("SigLiT (frozen tower), scenes", "zero-shot top-1",
-                         _per_tower(results, "siglit", "zeroshot/prec@1"),
-                         1.0 / classes if classes else None, "chance"))  # fmt: skip
+        rows.append(
+            _row(
+                "SigLiT (frozen tower), scenes",
+                "zero-shot top-1",
+                _per_tower(results, "siglit", "zeroshot/prec@1"),
+                1.0 / classes if classes else None,
+                "chance",
+            )
+        )
         for key in ("i2t_recall@1", "t2i_recall@1"):
             n = _final(results, "siglit").get(
                 "retrieval/images" if key.startswith("t2i") else "retrieval/texts"
             )
-            rows.append(_row("SigLiT retrieval, scenes val", key, _per_tower(results, "siglit", f"retrieval/{key}"),
-                             None if not n else 1.0 / n, "chance (1 / candidates)"))  # fmt: skip
+            rows.append(
+                _row(
+                    "SigLiT retrieval, scenes val",
+                    key,
+                    _per_tower(results, "siglit", f"retrieval/{key}"),
+                    None if not n else 1.0 / n,
+                    "chance (1 / candidates)",
+                )
+            )
     caption = _final(results, "caption")
     for metric in ("CIDEr", "BLEU-4", "METEOR"):
         if f"caption/{metric}" in caption:
-            rows.append(_row("caption fine-tune (frozen tower), scenes val", metric,
-                             _per_tower(results, "caption", f"caption/{metric}"),
-                             caption.get(f"caption/baseline/{metric}"), "constant caption"))  # fmt: skip
+            rows.append(
+                _row(
+                    "caption fine-tune (frozen tower), scenes val",
+                    metric,
+                    _per_tower(results, "caption", f"caption/{metric}"),
+                    caption.get(f"caption/baseline/{metric}"),
+                    "constant caption",
+                )
+            )
     answers = (("vqa", ("vqa/accuracy",)), ("ocr", ("ocr/exact_match", "ocr/cer", "ocr/anls")))
     for stage, keys in answers:
         final = _final(results, stage)
@@ -125,9 +156,16 @@ def headline_rows(results: Mapping[str, Any]) -> list[dict]:
                 name = key.split("/", 1)[1]
                 what = "VQA accuracy (%)" if stage == "vqa" else name
                 base = "majority answer" if stage == "vqa" else "most frequent training text"
-                rows.append(_row(f"{stage.upper()} (frozen tower), embedded", what, _per_tower(results, stage, key),
-                                 final.get(key.replace("/", "/baseline/", 1)), base,
-                                 lower_is_better=key == "ocr/cer"))  # fmt: skip
+                rows.append(
+                    _row(
+                        f"{stage.upper()} (frozen tower), embedded",
+                        what,
+                        _per_tower(results, stage, key),
+                        final.get(key.replace("/", "/baseline/", 1)),
+                        base,
+                        lower_is_better=key == "ocr/cer",
+                    )
+                )
     return rows
 
 
@@ -135,9 +173,12 @@ def tower_verdict(rows: list[dict]) -> dict:
     """How many rows the pretrained tower wins against the random-init one by more than the spread."""
     compared = [r for r in rows if r["verdict"] is not None]
     not_won = [r for r in compared if r["verdict"] != "won"]
-    return {"rows": len(compared), "won": len(compared) - len(not_won),
-            "not_won": [f"{r['transfer']}: {r['metric']} ({r['verdict']})" for r in not_won],
-            "why": {r["transfer"]: WHY_NOT[r["transfer"]] for r in not_won if r["transfer"] in WHY_NOT}}  # fmt: skip
+    return {
+        "rows": len(compared),
+        "won": len(compared) - len(not_won),
+        "not_won": [f"{r['transfer']}: {r['metric']} ({r['verdict']})" for r in not_won],
+        "why": {r["transfer"]: WHY_NOT[r["transfer"]] for r in not_won if r["transfer"] in WHY_NOT},
+    }
 
 
 def collapse_rows(results: Mapping[str, Any]) -> list[dict]:
