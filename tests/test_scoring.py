@@ -13,7 +13,7 @@ from transfer import contracts, evaluators, input_pipeline, pp, pp_text, shardin
 from transfer.datasets import render, scenes
 from transfer.tokenizer import captions_from_dataset, train_tokenizer
 
-MAX_LEN = 20
+MAX_LEN = 32  # as configs/cappa_tiny.py: long captions (a digit named first) keep their colour word
 IMAGE_PP = "decode|value_range(-1, 1)"
 TEMPLATES = ["a {}", "the largest shape is a {}"]
 
