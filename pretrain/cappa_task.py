@@ -113,7 +113,8 @@ class Task:
         shapes = {k: jax.ShapeDtypeStruct((1, *v.shape[1:]), v.dtype) for k, v in batch.items()}
         params = jax.eval_shape(task.init_params, jax.random.key(0), shapes)
         image_hw = tuple(batch["image"].shape[1:3])
-        return info.xla_flops(task, params, image_hw, batch[self.text_key].shape[1])["train_step"]
+        text_len = batch[self.text_key].shape[1]
+        return info.xla_flops(task, params, image_hw, text_len, parts=["train_step"])["train_step"]
 
     def evaluators(self) -> dict[str, type]:
         from pretrain import scoring  # Lazy: it registers pp ops only evaluator pipelines use.

@@ -24,6 +24,7 @@ import copy
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -151,13 +152,22 @@ def abstract_batch(task: Any, image_hw: tuple[int, int], text_len: int, batch: i
     }
 
 
+XLA_PARTS = ("img_forward", "txt_forward", "train_step")
+
+
 def xla_flops(
-    task: Any, params: Any, image_hw: tuple[int, int], text_len: int, batch: int = 1
+    task: Any,
+    params: Any,
+    image_hw: tuple[int, int],
+    text_len: int,
+    batch: int = 1,
+    parts: Sequence[str] = XLA_PARTS,
 ) -> dict:
     """XLA cost-analysis FLOPs per example of the lowered image forward, decoder forward and
     forward+backward of the task's training loss (no optimizer update), at a batch of `batch`.
 
-    `params` may be abstract (ShapeDtypeStructs). Lowered only: nothing is compiled or run.
+    `params` may be abstract (ShapeDtypeStructs). Lowered only: nothing is compiled or run, and only the
+    `parts` asked for are lowered.
     """
     from pretrain import cappa
 
@@ -173,13 +183,15 @@ def xla_flops(
         mask = cappa.causal_mask(tokens.shape[1])
         return model.apply({"params": p}, tokens, encoded, mask, method=cappa.Model.decode)
 
-    encoded = jax.eval_shape(encode, params, image)
     train = jax.value_and_grad(task.loss_fn, has_aux=True)
-    out = {
-        "img_forward": flops.step_flops(jax.jit(encode).lower(params, image)),
-        "txt_forward": flops.step_flops(jax.jit(decode).lower(params, labels, encoded)),
-        "train_step": flops.step_flops(jax.jit(train).lower(params, data, rng)),
+    lowered = {
+        "img_forward": lambda: jax.jit(encode).lower(params, image),
+        "txt_forward": lambda: jax.jit(decode).lower(
+            params, labels, jax.eval_shape(encode, params, image)
+        ),
+        "train_step": lambda: jax.jit(train).lower(params, data, rng),
     }
+    out = {k: flops.step_flops(lowered[k]()) for k in parts}
     return {k: None if v is None else v / batch for k, v in out.items()}
 
 

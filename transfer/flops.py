@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -162,13 +162,22 @@ class Perf:
 
 
 def measure_step(
-    cost_fn: Any, args: tuple, global_batch: int, mesh: jax.sharding.Mesh, override: float | None
+    cost_fn: Any,
+    args: tuple,
+    global_batch: int,
+    mesh: jax.sharding.Mesh,
+    override: float | None,
+    per_example: Callable[[], float | None] | None = None,
 ) -> Perf:
     """Lowers the jitted `cost_fn(*args)` (no compilation) and looks up the peak of the mesh's devices.
 
     `cost_fn` is the train step without micro-batches; lowering the step the loop calls shares its trace.
+    A task that counts its own model FLOPs passes `per_example`, and the step is not lowered at all.
     """
-    total = step_flops(cost_fn.lower(*args))
-    per_example = None if total is None else total / global_batch
+    if per_example is not None:
+        flops_per_example = per_example()
+    else:
+        total = step_flops(cost_fn.lower(*args))
+        flops_per_example = None if total is None else total / global_batch
     peak, source = peak_flops_per_device(mesh.devices.flat[0], override)
-    return Perf(per_example, peak, source, int(mesh.devices.size))
+    return Perf(flops_per_example, peak, source, int(mesh.devices.size))

@@ -357,7 +357,8 @@ def _save(mngr: Any, step: int, state: dict, data_iter: Any) -> None:
 
 
 def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
-    """Lowers the step once (the loop's own trace when accum_steps == 1; nothing is compiled twice)."""
+    """Lowers the step once (the loop's own trace when accum_steps == 1; nothing is compiled twice), or
+    not at all when the task counts its own FLOPs."""
     batch = {
         k: jax.ShapeDtypeStruct(
             (v.shape[0] * jax.process_count(), *v.shape[1:]), v.dtype, sharding=run.batch_sharding
@@ -365,15 +366,15 @@ def _measure_perf(run: Run, state: dict, local_batch: dict) -> flops.Perf:
         for k, v in local_batch.items()
     }
     config = run.config
+    count = run.hooks.flops_per_example  # The task knows its model FLOPs better than XLA.
     perf = flops.measure_step(
         run.cost_fn,
         (state, batch),
         config.input.batch_size,
         run.mesh,
         config.peak_flops_per_device,
+        per_example=None if count is None else lambda: count(local_batch),
     )
-    if run.hooks.flops_per_example:  # The task knows its model FLOPs better than XLA.
-        perf = dataclasses.replace(perf, flops_per_example=run.hooks.flops_per_example(local_batch))
     metrics.log(perf.describe())
     return perf
 

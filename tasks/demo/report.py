@@ -255,7 +255,8 @@ def _figures(workdir: str) -> list[tuple[str, str]]:
     ]
     for title, run in runs:
         if os.path.isfile(os.path.join(workdir, run, "metrics.jsonl")):
-            plots.plot_run(os.path.join(workdir, run))
+            if not os.path.isfile(os.path.join(workdir, run, "curves.png")):  # tasks that draw none
+                plots.plot_run(os.path.join(workdir, run))
             figures.append((f"{title}: training curves", os.path.join(run, "curves.png")))
     for tower in TOWERS:
         path = os.path.join("fewshot", tower, "fewshot.png")
