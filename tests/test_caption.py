@@ -15,6 +15,8 @@ from tasks import caption, caption_eval, caption_metrics, generation_eval, repor
 from transfer import config as config_lib
 from transfer import metrics, train
 
+STEPS = 200  # enough for the tiny model to fit the split it is scored on
+
 MAX_LEN = 40
 IMAGE_PP = "decode|resize(32)|value_range(-1, 1)"
 METRICS = ("bleu", "rouge", "cider")  # no METEOR/SPICE: their Java start-up is slow
@@ -23,7 +25,7 @@ METRICS = ("bleu", "rouge", "cider")  # no METEOR/SPICE: their Java start-up is 
 def caption_config(data_dir, tokenizer, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.caption"
-    c.total_steps = 400
+    c.total_steps = STEPS
     c.tokenizer = tokenizer.path
     c.input = dict(
         # The 16 images it is scored on: a test-sized model fits them in seconds, which is enough to
@@ -63,7 +65,7 @@ def caption_config(data_dir, tokenizer, **overrides):
     c.lr = 3e-3
     c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
     c.log_training_steps = 50
-    c.ckpt_steps = 400
+    c.ckpt_steps = STEPS
     c.log_flops = False
     c.eval_at_start = True
     c.evals = dict(
@@ -112,7 +114,7 @@ def test_caption_task_beats_constant_caption(scratch_run):
 def test_written_predictions_rescore_to_the_logged_metrics(scratch_run, data_dir):
     workdir, result, config = scratch_run
     folder = os.path.join(workdir, "captions")
-    preds = caption_metrics.read_coco_results(os.path.join(folder, "caption_step400.json"))
+    preds = caption_metrics.read_coco_results(os.path.join(folder, f"caption_step{STEPS}.json"))
     assert len(preds) == 16 and os.path.isfile(os.path.join(folder, "caption_step0.json"))
     data = dict(config.input.data, split="validation")
     refs = caption_eval.read_references(data, "captions/text", "image/id", 5)
@@ -137,7 +139,7 @@ def test_evaluator_decodes_as_single_device_greedy(scratch_run, scenes_tokenizer
 
     workdir, result, config = scratch_run
     preds = caption_metrics.read_coco_results(
-        os.path.join(workdir, "captions", "caption_step400.json")
+        os.path.join(workdir, "captions", f"caption_step{STEPS}.json")
     )
     task = caption.Task(config)
     cfg = {

@@ -13,6 +13,8 @@ from tasks import ocr, ocr_metrics, ocr_pp
 from transfer import config as config_lib
 from transfer import metrics, train
 
+STEPS = 150  # enough for the tiny model to fit the split it is scored on
+
 MAX_LEN = 16
 IMAGE_PP = "decode|fold(2)|resize(32)|value_range(-1, 1)"
 
@@ -34,7 +36,7 @@ def ocr_tokenizer(data_dir, tmp_path_factory):
 def ocr_config(data_dir, tok, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.ocr"
-    c.total_steps = 300
+    c.total_steps = STEPS
     c.tokenizer = tok.path
     c.pp_modules = ["tasks.ocr_pp"]
     c.input = dict(
@@ -75,7 +77,7 @@ def ocr_config(data_dir, tok, **overrides):
     c.lr = 3e-3
     c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
     c.log_training_steps = 50
-    c.ckpt_steps = 300
+    c.ckpt_steps = STEPS
     c.log_flops = False
     c.eval_at_start = True
     c.evals = dict(
@@ -118,7 +120,7 @@ def test_predictions_rescore_to_the_logged_metrics(ocr_run):
     import tensorflow_datasets as tfds
 
     workdir, result, config = ocr_run
-    preds = ocr.read_predictions(os.path.join(workdir, "ocr", "ocr_step300.json"))
+    preds = ocr.read_predictions(os.path.join(workdir, "ocr", f"ocr_step{STEPS}.json"))
     ds = tfds.load("scenes_ocr/tiny", split="validation", data_dir=config.input.data.data_dir)
     refs = {int(ex["image/id"]): ex["text"].decode() for ex in tfds.as_numpy(ds)}
     assert set(preds) == set(refs)

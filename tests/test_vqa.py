@@ -16,6 +16,8 @@ from tasks import vqa, vqa_eval, vqa_metrics, vqa_pp
 from transfer import config as config_lib
 from transfer import metrics, train
 
+STEPS = 150  # enough for the tiny model to fit the split it is scored on
+
 PAD, EOS = 0, 1
 QLEN, ALEN = 16, 6
 IMAGE_PP = "decode|resize(32)|value_range(-1, 1)"
@@ -188,7 +190,7 @@ def vqa_tokenizer(data_dir, tmp_path_factory):
 def vqa_config(data_dir, tok, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.vqa"
-    c.total_steps = 300
+    c.total_steps = STEPS
     c.tokenizer = tok.path
     c.question_len, c.answer_len = QLEN, ALEN
     c.pp_modules = ["tasks.vqa_pp"]
@@ -231,7 +233,7 @@ def vqa_config(data_dir, tok, **overrides):
     c.lr = 3e-3
     c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
     c.log_training_steps = 50
-    c.ckpt_steps = 300
+    c.ckpt_steps = STEPS
     c.log_flops = False
     c.eval_at_start = True
     c.evals = dict(
@@ -265,7 +267,7 @@ def test_vqa_task_beats_the_majority_answer(vqa_run):
 
 def test_predictions_rescore_to_the_logged_accuracy(vqa_run):
     workdir, result, config = vqa_run
-    preds = vqa_metrics.read_vqa_results(os.path.join(workdir, "vqa", "vqa_step300.json"))
+    preds = vqa_metrics.read_vqa_results(os.path.join(workdir, "vqa", f"vqa_step{STEPS}.json"))
     cfg = dict(vqa_eval.DEFAULTS)
     annotations = vqa_eval.read_annotations(dict(config.input.data, split="validation"), cfg)
     assert set(preds) == set(annotations) and len(preds) == 16
