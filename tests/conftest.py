@@ -27,6 +27,24 @@ import pytest  # noqa: E402
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
 
 
+# The longest test files (minutes on 2 busy cores), started first: `--dist loadfile` hands files to the workers
+# in collection order, so a long file collected late would run alone at the end while the other worker idles.
+LONGEST_FIRST = (
+    "test_demo.py",
+    "test_resume.py",
+    "test_multiprocess.py",
+    "test_accelerator_bench.py",
+    "test_vqa.py",
+    "test_train.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    # A stable sort: the other files keep their order.
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
+
+
 def pytest_sessionfinish(session):
     """Collects and freezes the heap while the session is still finishing, before an xdist worker reports done.
 
