@@ -27,6 +27,31 @@ def cli(workdir, data_dir, *extra_args, pause_at=None, **overrides):
     return args + [f"--config.{k}={v!r}" for k, v in overrides.items()]
 
 
+def tiny_cappa_model(vocab_size, max_len):
+    """The smallest CapPa-shaped model the task tests train: one block per tower, width 32, 8-px patches,
+    CapPa's block (RMSNorm + Normformer, GeGLU, no biases)."""
+    block = dict(norm="rmsnorm", normformer=True, mlp_type="geglu", use_bias=False)
+    return dict(
+        img=dict(width=32, depth=1, num_heads=2, patch_size=8, num_registers=2, **block),
+        txt=dict(vocab_size=vocab_size, depth=1, max_len=max_len, **block),
+    )
+
+
+def fit_recipe(total_steps, schedule=None):
+    """How the caption, VQA and OCR tests fit their 16 validation examples: Adam at 3e-3, cosine decay
+    (unless `schedule`), metrics every 50 steps, one checkpoint at the end, evaluators before and after."""
+    return dict(
+        total_steps=total_steps,
+        ckpt_steps=total_steps,
+        optax_name="adamw",
+        lr=3e-3,
+        schedule=schedule or dict(decay_type="cosine", warmup_steps=10),
+        log_training_steps=50,
+        log_flops=False,
+        eval_at_start=True,
+    )
+
+
 def steps(workdir):
     """The steps of the complete checkpoints in a workdir."""
     path = os.path.join(workdir, "checkpoints")

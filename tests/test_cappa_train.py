@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from helpers import tiny_cappa_model
 
 from pretrain import cappa, cappa_task, decode
 from transfer import config as config_lib
@@ -35,28 +36,7 @@ def cappa_config(data_dir, tokenizer, **overrides):
         pp=pp,
         shuffle_buffer_size=64,
     )
-    c.model = dict(
-        img=dict(
-            width=32,
-            depth=1,
-            num_heads=2,
-            patch_size=8,
-            num_registers=2,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-        txt=dict(
-            vocab_size=tokenizer.vocab_size,
-            depth=1,
-            max_len=MAX_LEN,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-    )
+    c.model = tiny_cappa_model(tokenizer.vocab_size, MAX_LEN)
     c.optax_name = "adamw"
     c.lr = 3e-3
     c.schedule = dict(decay_type="cosine", warmup_steps=1)

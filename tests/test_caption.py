@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import fit_recipe, tiny_cappa_model
 
 from tasks import caption, caption_eval, caption_metrics, generation_eval, report_utils
 from transfer import config as config_lib
@@ -25,7 +26,6 @@ METRICS = ("bleu", "rouge", "cider")  # no METEOR/SPICE: their Java start-up is 
 def caption_config(data_dir, tokenizer, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.caption"
-    c.total_steps = STEPS
     c.tokenizer = tokenizer.path
     c.input = dict(
         # The 16 images it is scored on: a test-sized model fits them in seconds, which is enough to
@@ -39,35 +39,8 @@ def caption_config(data_dir, tokenizer, **overrides):
         ),
         shuffle_buffer_size=64,
     )
-    c.model = dict(
-        img=dict(
-            width=32,
-            depth=1,
-            num_heads=2,
-            patch_size=8,
-            num_registers=2,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-        txt=dict(
-            vocab_size=tokenizer.vocab_size,
-            depth=1,
-            max_len=MAX_LEN,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-    )
-    c.optax_name = "adamw"
-    c.lr = 3e-3
-    c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
-    c.log_training_steps = 50
-    c.ckpt_steps = STEPS
-    c.log_flops = False
-    c.eval_at_start = True
+    c.model = tiny_cappa_model(tokenizer.vocab_size, MAX_LEN)
+    c.update(fit_recipe(STEPS, overrides.pop("schedule", None)))
     c.evals = dict(
         caption=dict(
             type="caption",

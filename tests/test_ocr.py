@@ -8,6 +8,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from helpers import fit_recipe, tiny_cappa_model
 
 from tasks import ocr, ocr_metrics, ocr_pp
 from transfer import config as config_lib
@@ -36,7 +37,6 @@ def ocr_tokenizer(data_dir, tmp_path_factory):
 def ocr_config(data_dir, tok, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.ocr"
-    c.total_steps = STEPS
     c.tokenizer = tok.path
     c.pp_modules = ["tasks.ocr_pp"]
     c.input = dict(
@@ -51,35 +51,8 @@ def ocr_config(data_dir, tok, **overrides):
         ),
         shuffle_buffer_size=64,
     )
-    c.model = dict(
-        img=dict(
-            width=32,
-            depth=1,
-            num_heads=2,
-            patch_size=8,
-            num_registers=2,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-        txt=dict(
-            vocab_size=tok.vocab_size,
-            depth=1,
-            max_len=MAX_LEN,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-    )
-    c.optax_name = "adamw"
-    c.lr = 3e-3
-    c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
-    c.log_training_steps = 50
-    c.ckpt_steps = STEPS
-    c.log_flops = False
-    c.eval_at_start = True
+    c.model = tiny_cappa_model(tok.vocab_size, MAX_LEN)
+    c.update(fit_recipe(STEPS, overrides.pop("schedule", None)))
     c.evals = dict(
         ocr=dict(
             type="ocr",

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from helpers import fit_recipe, tiny_cappa_model
 
 from pretrain import cappa, prefix_lm
 from tasks import vqa, vqa_eval, vqa_metrics, vqa_pp
@@ -190,7 +191,6 @@ def vqa_tokenizer(data_dir, tmp_path_factory):
 def vqa_config(data_dir, tok, **overrides):
     c = ml_collections.ConfigDict()
     c.task = "tasks.vqa"
-    c.total_steps = STEPS
     c.tokenizer = tok.path
     c.question_len, c.answer_len = QLEN, ALEN
     c.pp_modules = ["tasks.vqa_pp"]
@@ -207,35 +207,8 @@ def vqa_config(data_dir, tok, **overrides):
         ),
         shuffle_buffer_size=64,
     )
-    c.model = dict(
-        img=dict(
-            width=32,
-            depth=1,
-            num_heads=2,
-            patch_size=8,
-            num_registers=2,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-        txt=dict(
-            vocab_size=tok.vocab_size,
-            depth=1,
-            max_len=QLEN + ALEN,
-            norm="rmsnorm",
-            normformer=True,
-            mlp_type="geglu",
-            use_bias=False,
-        ),
-    )
-    c.optax_name = "adamw"
-    c.lr = 3e-3
-    c.schedule = overrides.pop("schedule", dict(decay_type="cosine", warmup_steps=10))
-    c.log_training_steps = 50
-    c.ckpt_steps = STEPS
-    c.log_flops = False
-    c.eval_at_start = True
+    c.model = tiny_cappa_model(tok.vocab_size, QLEN + ALEN)
+    c.update(fit_recipe(STEPS, overrides.pop("schedule", None)))
     c.evals = dict(
         vqa=dict(
             type="vqa", data=dict(split="validation"), pp=IMAGE_PP, batch_size=16, num_samples=4

@@ -58,18 +58,16 @@ def _type_handlers() -> Any:
     # The same ArrayMetadata store as orbax's default handler (no public path to it; orbax is pinned).
     from orbax.checkpoint._src.metadata import array_metadata_store
 
-    registry = ocp.type_handlers.create_type_handler_registry(
-        *(
-            (ty, ocp.type_handlers.get_type_handler(ty))
-            for ty in ocp.type_handlers.supported_types()
-        )
-    )
     array_handler = ocp.type_handlers.ArrayHandler(
         use_replica_parallel=jax.process_count() > 1,
         array_metadata_store=array_metadata_store.Store(),
     )
-    registry.add(jax.Array, array_handler, override=True)
-    return registry
+    return ocp.type_handlers.create_type_handler_registry(
+        *(
+            (ty, array_handler if ty is jax.Array else ocp.type_handlers.get_type_handler(ty))
+            for ty in ocp.type_handlers.supported_types()
+        )
+    )
 
 
 def save(
