@@ -23,11 +23,12 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/cappa demo --workdir $(WORKDIR)
 
-# Two workers, one test file each (module fixtures stay shared): ~2x faster on 2 cores. Quiet output
-# (-q) comes from pyproject.toml's addopts: a second -q here would hide the "N passed in Xs" line.
+# Two workers, one test file each (module fixtures stay shared): ~2x faster on 2 cores. Files go out in
+# collection order, longest first (tests/conftest.py), not xdist's most-tests-first. Quiet output (-q) comes
+# from pyproject.toml's addopts: a second -q here would hide the "N passed in Xs" line.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -n $(TEST_WORKERS) --dist loadfile --durations=15
+	$(BIN)/python -m pytest tests -x -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15
 
 # Both checks always run (each reports its files); the target fails if either fails.
 lint: $(STAMP)

@@ -27,15 +27,22 @@ import pytest  # noqa: E402
 TINY_CONFIG = os.path.join(os.path.dirname(__file__), "tiny_config.py")
 
 
-# The longest test files (minutes on 2 busy cores), started first: `--dist loadfile` hands files to the workers
-# in collection order, so a long file collected late would run alone at the end while the other worker idles.
+# The longest test files first (seconds on 2 busy cores, longest first), then the rest in name order: with
+# `--dist loadfile --no-loadscope-reorder` (the Makefile) the workers take files in this order, so no long file
+# starts late and runs alone at the end while the other worker idles.
 LONGEST_FIRST = (
-    "test_demo.py",
+    "test_demo.py",  # ~190 s
+    "test_cappa_train.py",
+    "test_decode.py",
+    "test_caption.py",
     "test_resume.py",
-    "test_multiprocess.py",
-    "test_accelerator_bench.py",
-    "test_vqa.py",
     "test_train.py",
+    "test_vqa.py",
+    "test_multiprocess.py",
+    "test_kernels.py",
+    "test_siglit.py",
+    "test_cappa.py",
+    "test_accelerator_bench.py",  # ~35-50 s
 )
 
 
