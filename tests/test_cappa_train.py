@@ -73,6 +73,17 @@ def test_loop_first_loss_and_outputs(single_device_run, scenes_tokenizer):
     assert {"train/loss_pa", "train/loss_cap", "perf/flops_per_example"} <= set(last)
 
 
+def test_loop_logs_the_tasks_own_flops_count(single_device_run):
+    """The task counts its model FLOPs (the loop then lowers no step for MFU): the logged figure is its count."""
+    workdir, _, config = single_device_run
+    batch = {
+        "image": np.zeros((2, 32, 32, 3), np.float32),
+        "labels": np.zeros((2, MAX_LEN), np.int32),
+    }
+    expected = cappa_task.Task(config).flops_per_example(batch)
+    assert _rows(workdir)[-1]["perf/flops_per_example"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_fsdp_and_data_parallel_equal_single_device(
     single_device_run, data_dir, scenes_tokenizer, tmp_path
 ):

@@ -95,6 +95,10 @@ def test_xla_flops_scale_with_the_batch(tiny_info):
     for key in ("img_forward", "txt_forward"):
         assert four[key] == pytest.approx(one[key], rel=1e-3)
     assert four["train_step"] == pytest.approx(one["train_step"], rel=0.02)
+    # Only the parts asked for are lowered, with the same counts.
+    assert info.xla_flops(task, params, (32, 32), 16, parts=["train_step"]) == {
+        "train_step": one["train_step"]
+    }
 
 
 @pytest.mark.parametrize(

@@ -169,6 +169,20 @@ def test_model_init_subtree_loads_tower_only(reference, tiny_config, tmp_path):
     assert not np.allclose(np.asarray(final["head/kernel"]), ref["head/kernel"], atol=1e-3)
 
 
+def test_one_process_saves_without_replica_parallel_slicing():
+    """Within one process a replicated array is written whole by its first replica (one host writes every
+    slice anyway); every other type keeps orbax's standard handler."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    registry = checkpoint._type_handlers()
+    assert jax.process_count() == 1
+    assert registry.get(jax.Array)._use_replica_parallel is False
+    for ty in ocp.type_handlers.supported_types():
+        if ty is not jax.Array:
+            assert registry.get(ty) is ocp.type_handlers.get_type_handler(ty)
+
+
 def test_map_path():
     assert checkpoint._map_path("img/a/b", "img", "") == "a/b"
     assert checkpoint._map_path("a/b", "", "img") == "img/a/b"
