@@ -17,7 +17,11 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 from child_env import child_env  # noqa: E402
 
 # One device; XLA:CPU without its expensive LLVM passes: the compiles dominate, the code is the same.
-FAST_COMPILE = ("--xla_backend_optimization_level=0", "--xla_llvm_disable_expensive_passes=true")
+FAST_COMPILE = (
+    "--xla_backend_optimization_level=0",
+    "--xla_llvm_disable_expensive_passes=true",
+    "--xla_cpu_use_fusion_emitters=false",
+)
 TRAIN_KEYS = (
     "step_time_s",
     "examples_per_s",
