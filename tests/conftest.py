@@ -9,11 +9,13 @@ import tempfile
 # The suite's programs are tiny and compiled once each, so compiling is most of its time. XLA:CPU's LLVM back
 # end at -O0 cuts the suite's CPU time by about a third, and its older loop emitters instead of the fusion
 # emitters halve what is left of a compile (same HLO passes, same results within the tests' tolerances;
-# BENCHMARKS.md). Tests only: users' runs keep XLA's defaults. An XLA_FLAGS already set wins.
+# BENCHMARKS.md). The two xdist workers share two cores: Eigen's single-threaded kernels keep each worker's
+# programs on one core instead of four threads contending for two (one run: 510 s, from 564-575 s).
+# Tests only: users' runs keep XLA's defaults. An XLA_FLAGS already set wins.
 os.environ.setdefault(
     "XLA_FLAGS",
     "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
-    " --xla_cpu_use_fusion_emitters=false",
+    " --xla_cpu_use_fusion_emitters=false --xla_cpu_multi_thread_eigen=false",
 )
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # One JAX compilation cache per test session, shared by the xdist workers and every subprocess the tests
