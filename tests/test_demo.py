@@ -32,6 +32,19 @@ def test_every_stage_finished_and_wrote_its_outputs(smoke):
     assert samples.count("<img ") == 16  # the whole scenes/tiny validation split
 
 
+def test_smoke_overrides_reach_every_training_run(smoke):
+    """`Scale.run` (the smoke's log_flops=False) is in every run's config and no run logged MFU."""
+    from transfer import metrics
+
+    runs = [d for d, _, files in os.walk(smoke) if "metrics.jsonl" in files]
+    assert len(runs) >= 14
+    for run in runs:
+        with open(os.path.join(run, "config.json")) as f:
+            assert json.load(f)["log_flops"] is False, run
+        rows = metrics.read_jsonl(os.path.join(run, "metrics.jsonl"))
+        assert not any("perf/mfu" in r for r in rows), run
+
+
 def test_report_numbers_are_summary_numbers(smoke):
     summary = json.loads(_read(smoke, "summary.json"))
     md = _read(smoke, "report.md")
