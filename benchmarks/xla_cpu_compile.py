@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/xla_cpu_compile.py [--rounds 3] [--steps 5] [--quick]
 
 Why: the test suite compiles hundreds of small programs once each, so its time is mostly XLA:CPU compiling
-(tests/conftest.py sets the flags measured here). A flag that makes compiling cheaper may make the compiled
+(tests/conftest.py sets the two compile flags measured here; its third, single-threaded Eigen, is about two
+xdist workers sharing two cores and is not measured here). A flag that makes compiling cheaper may make the compiled
 step slower, which is what a user's run pays; this script measures both, so the suite's flags and the
 users' defaults are chosen on numbers.
 

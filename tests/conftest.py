@@ -10,7 +10,7 @@ import tempfile
 # end at -O0 cuts the suite's CPU time by about a third, and its older loop emitters instead of the fusion
 # emitters halve what is left of a compile (same HLO passes, same results within the tests' tolerances;
 # BENCHMARKS.md). The two xdist workers share two cores: Eigen's single-threaded kernels keep each worker's
-# programs on one core instead of four threads contending for two (one run: 510 s, from 564-575 s).
+# programs on one core instead of four threads contending for two (497-510 s, from 564-575 s; make test runs).
 # Tests only: users' runs keep XLA's defaults. An XLA_FLAGS already set wins.
 os.environ.setdefault(
     "XLA_FLAGS",
