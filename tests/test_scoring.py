@@ -258,6 +258,9 @@ def test_zeroshot_evaluator_matches_direct_argmax(setup, reference):
     with jax.set_mesh(mesh):
         got = jax.jit(evaluator.class_scores)(params, batch["image"], evaluator.prompts)
         np.testing.assert_allclose(np.asarray(got), permuted, rtol=1e-5, atol=1e-4)
+        # ... from prompts cut after the longest one's EOS (the reference scored all MAX_LEN).
+        longest = int((tokens != tok.pad_id).sum(1).max())
+        assert evaluator.prompts.shape == (len(tokens), longest) and longest < MAX_LEN
         assert evaluator.run(params) == pytest.approx({"prec@1": want1, "prec@5": want5})
 
 
