@@ -20,6 +20,7 @@ import ml_collections
 
 from transfer.config import parse_arg
 from transfer.datasets import render
+from transfer.pp_text import caption_pp
 
 TOKENIZER = "workdirs/tokenizers/scenes_bpe256.model"
 
@@ -41,11 +42,8 @@ def get_config(arg=None):
     c.input = dict(
         data=dict(name="scenes", split="train"),
         batch_size=64,
-        pp=(
-            "decode|value_range(-1, 1)|flatten|choice(key='captions/text', outkey='text')"
-            f"|tokenize(max_len=32, model='{tokenizer}', key='text', outkey='labels')"
-            "|keep('image', 'labels')"
-        ),
+        # A random caption per example and step; images decoded and captions tokenized once.
+        pp=caption_pp("decode", tokenizer, 32, cached=True),
         shuffle_buffer_size=5_000,
     )
     c.model = dict(

@@ -31,6 +31,7 @@ import ml_collections
 
 from tasks.config_helpers import TRANSFER_ARGS, cappa_arch, tower_schedule
 from transfer.config import parse_arg
+from transfer.pp_text import caption_pp
 
 DECODERS = ("cappa", "scratch")
 
@@ -74,12 +75,9 @@ def get_config(arg=None):
     c.input = dict(
         data=dict(name=name, split=train_split, **files),
         batch_size=256 if coco else 64,
-        # One of the image's reference captions, drawn anew per example and step.
-        pp=(
-            f"{image_pp}|flatten|choice(key='captions/text', outkey='text')"
-            f"|tokenize(max_len={max_len}, model='{tokenizer}', key='text', outkey='labels')"
-            "|keep('image', 'labels')"
-        ),
+        # One of the image's reference captions, drawn anew per example and step; scenes (small)
+        # decodes its images and tokenizes its captions once and keeps them in memory.
+        pp=caption_pp(f"decode|resize({res})", tokenizer, max_len, cached=not coco),
         shuffle_buffer_size=50_000 if coco else 5_000,
     )
     c.total_steps = 10_000 if coco else 600

@@ -19,7 +19,7 @@ def get_config(arg=None):
     c.input = dict(
         data=dict(name="scenes", split="train"),
         batch_size=64,
-        pp="decode|value_range(-1, 1)|keep('image', 'label')",
+        pp="decode|keep('image', 'label')|cache|value_range(-1, 1)",  # decoded once, kept in memory
         shuffle_buffer_size=5_000,
     )
     c.num_classes = 42  # scenes: shape (6) x colour (7) of the main object.

@@ -60,18 +60,24 @@ def get_config(arg=None):
 
     train_split, val_split, test_split = ds["splits"]
     # fold(2) then resize: 64x64 strips for the tiny tower, any larger tower gets them upsampled.
-    image_pp = f"decode|fold(2)|resize({res})" if strip == "fold" else f"decode|resize({res})"
-    image_pp += "|value_range(-1, 1)"
+    strip_pp = f"decode|fold(2)|resize({res})" if strip == "fold" else f"decode|resize({res})"
+    image_pp = f"{strip_pp}|value_range(-1, 1)"
     lower = "|lowercase(key='text')" if case == "lower" else ""
+    lower_all = "|lowercase(key='texts')" if case == "lower" else ""
+    tokenize = f"tokenize(max_len={max_len}, model='{tokenizer}'"
     c.pp_modules = ["tasks.ocr_pp", "tasks.vqa_pp"]  # fold, lowercase, vqa_answers
     c.input = dict(
         data=dict(name=ds["name"], split=train_split),
         batch_size=64 if scenes else 256,
         pp=(
-            f"{image_pp}|flatten|vqa_answers(key={ds['text']!r}, n=None, outkey='texts')"
+            # scenes_ocr (one word per strip, small): strips and word ids made once, kept in memory.
+            f"{strip_pp}|flatten|vqa_answers(key={ds['text']!r}, n=None, outkey='texts')"
+            f"{lower_all}|{tokenize}, key='texts', outkey='text_ids')|cache"
+            "|choice(key='text_ids', outkey='labels')|value_range(-1, 1)|keep('image', 'labels')"
+            if scenes
+            else f"{image_pp}|flatten|vqa_answers(key={ds['text']!r}, n=None, outkey='texts')"
             f"|choice(key='texts', outkey='text'){lower}"
-            f"|tokenize(max_len={max_len}, model='{tokenizer}', key='text', outkey='labels')"
-            "|keep('image', 'labels')"
+            f"|{tokenize}, key='text', outkey='labels')|keep('image', 'labels')"
         ),
         shuffle_buffer_size=5_000 if scenes else 50_000,
     )

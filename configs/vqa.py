@@ -101,6 +101,9 @@ def get_config(arg=None):
 
     train_split, val_split, test_split = ds["splits"]
     image_pp = f"decode|resize({res})|value_range(-1, 1)"
+    # Training: scenes (small) keeps its decoded images and tokenized questions in memory (`cache`);
+    # [-1, 1] comes last, so the answer draw sits at the same pp position either way.
+    train_pp, cache = f"decode|resize({res})", "|cache" if scenes else ""
     pick = (
         "choice(key='answers', outkey='answer')"
         if args["answer"] == "sample"
@@ -112,12 +115,11 @@ def get_config(arg=None):
         data=dict(name=ds["name"], split=train_split, **ds.get("files", {})),
         batch_size=64 if scenes else 256,
         pp=(
-            f"{image_pp}|flatten|vqa_answers(key={ds['answers']!r}, n=None, outkey='answers')"
-            f"|{pick}{spell}"
+            f"{train_pp}|flatten|vqa_answers(key={ds['answers']!r}, n=None, outkey='answers')"
             f"|tokenize(max_len={c.question_len}, model='{tokenizer}', key={ds['question']!r}, "
-            "outkey='prefix')"
+            f"outkey='prefix'){cache}|{pick}{spell}"
             f"|tokenize(max_len={c.answer_len}, model='{tokenizer}', key='answer', outkey='labels')"
-            "|keep('image', 'prefix', 'labels')"
+            "|value_range(-1, 1)|keep('image', 'prefix', 'labels')"
         ),
         shuffle_buffer_size=5_000 if scenes else 50_000,
     )

@@ -1,5 +1,6 @@
 """Input pipeline on tiny local TFDS datasets: determinism, resume, sharding, bad images."""
 
+import collections
 import io
 import itertools
 import time
@@ -12,10 +13,30 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 from transfer import input_pipeline as ip
+from transfer import pp as pp_lib
+from transfer.config import ConfigError
 
 N_TRAIN, N_TEST = 40, 13
 PP = "decode|keep('image', 'label', 'id')"
 PP_RANDOM = "decode|random_crop(8)|flip_lr|value_range(-1, 1)|keep('image', 'id')"
+PP_CACHED = (
+    "decode|cappa_test_count|cache|random_crop(8)|flip_lr|value_range(-1, 1)|keep('image', 'id')"
+)
+PREFIX_CALLS = collections.Counter()  # id -> how often the `cappa_test_count` op ran on it
+
+
+@pp_lib.register("cappa_test_count")
+def get_cappa_test_count():
+    """Counts per example id how often it runs (a deterministic op, like decoding)."""
+
+    def count(i):
+        PREFIX_CALLS[int(i)] += 1
+        return i
+
+    def op(example):
+        return {**example, "id": tf.numpy_function(count, [example["id"]], example["id"].dtype)}
+
+    return op
 
 
 def _pixels(i, shape=(16, 16, 3)):
@@ -231,15 +252,37 @@ def test_no_shuffle_reads_in_a_fixed_order(data_dir):
 
 
 # 4 and 5 batches of 8: resume across / exactly at the end of the 40-example epoch.
-@pytest.mark.parametrize("done, cache_raw", [(1, False), (4, False), (5, True)])
-def test_resume_is_bit_exact_with_random_ops(data_dir, done, cache_raw):
-    original = _train(data_dir, seed=3, pp=PP_RANDOM, cache_raw=cache_raw)
+@pytest.mark.parametrize(
+    "done, cache_raw, pp",
+    [(1, False, PP_RANDOM), (4, False, PP_RANDOM), (5, True, PP_RANDOM), (4, False, PP_CACHED)],
+)
+def test_resume_is_bit_exact_with_random_ops(data_dir, done, cache_raw, pp):
+    original = _train(data_dir, seed=3, pp=pp, cache_raw=cache_raw)
     _take(original, done)
     assert original.position == done * 8
     expected = _take(original, 3)
-    resumed = _train(data_dir, seed=3, pp=PP_RANDOM, start_position=done * 8, cache_raw=cache_raw)
+    resumed = _train(data_dir, seed=3, pp=pp, start_position=done * 8, cache_raw=cache_raw)
     _assert_same(_take(resumed, 3), expected)
     assert resumed.position == original.position
+
+
+def test_cache_marker_keeps_the_batches_and_runs_the_prefix_once(data_dir):
+    """`cache` takes no position (the random ops draw the same), and the ops before it run once
+    per example over 2.4 epochs instead of on every pass."""
+    PREFIX_CALLS.clear()
+    uncached = _take(_train(data_dir, seed=3, pp=PP_CACHED.replace("|cache", "")), 12)
+    assert sum(PREFIX_CALLS.values()) >= 96
+    PREFIX_CALLS.clear()
+    cached = _train(data_dir, seed=3, pp=PP_CACHED)
+    assert cached.epoch_size == N_TRAIN and cached.cache_dropped == 0
+    _assert_same(_take(cached, 12), uncached)
+    # Every example once when the cache fills, plus the few the start-up check tries.
+    assert set(PREFIX_CALLS) == set(range(N_TRAIN)) and sum(PREFIX_CALLS.values()) <= N_TRAIN + 16
+
+
+def test_random_op_before_cache_is_a_config_error(data_dir):
+    with pytest.raises(ConfigError, match="'flip_lr'.*before `cache`.*after `cache`"):
+        _train(data_dir, pp="decode|flip_lr|cache|keep('image', 'id')")
 
 
 def test_random_ops_depend_on_stream_position(data_dir):
@@ -287,6 +330,22 @@ def test_bad_images_skipped_and_counted(data_dir):
     converted = sum(KINDS[_kind(i)][2] for i in good[:48])
     assert iterator.stats() == {"input/skipped": bad_seen, "input/converted": converted}
     assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)
+
+
+def test_bad_images_dropped_once_by_a_cached_prefix(data_dir):
+    iterator = _train(
+        data_dir,
+        name="cappa_test_raw",
+        pp="decode|cache|keep('image', 'id')",
+        batch_size=4,
+        shuffle_buffer_size=0,
+    )
+    batches = _take(iterator, 12)  # More than two epochs of the 20 good examples.
+    good = [i for i in _raw_order(data_dir) if not KINDS[_kind(i)][1]]
+    assert _ids(batches) == (good * 3)[:48]
+    bad = len(_raw_order(data_dir)) - len(good)
+    assert iterator.epoch_size == len(good) and iterator.cache_dropped == bad
+    assert iterator.stats()["input/skipped"] == bad  # Once, not once per epoch.
 
 
 def test_resume_with_bad_images(data_dir):

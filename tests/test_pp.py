@@ -84,6 +84,25 @@ def test_op_modules_come_from_the_config():
     pp.parse("fold(2)", ["tasks.ocr_pp"])
 
 
+def test_cache_marker_splits_without_moving_seeds():
+    """prefix then rest == the whole string, random ops included; one marker at most."""
+    example = {"image": tf.constant(IMAGE), "_seed": tf.constant([7, 11], tf.int64)}
+    whole = pp.parse("resize(8)|random_crop(4)|flip_lr")(example)
+    prefix, rest = pp.parse_cached("resize(8)|cache|random_crop(4)|flip_lr")
+    split = rest(prefix({"image": example["image"]}) | {"_seed": example["_seed"]})
+    np.testing.assert_array_equal(split["image"], whole["image"])
+    np.testing.assert_array_equal(
+        pp.parse("resize(8)|cache|random_crop(4)|flip_lr")(example)["image"], whole["image"]
+    )
+    shifted = pp.parse("resize(8)|keep('image', '_seed')|random_crop(4)|flip_lr")(example)
+    assert not np.array_equal(
+        shifted["image"], whole["image"]
+    )  # An op, unlike `cache`, moves them.
+    assert pp.parse_cached("resize(8)")[0] is None
+    with pytest.raises(ConfigError, match="more than one `cache`"):
+        pp.parse_cached("decode|cache|resize(8)|cache")
+
+
 def test_parse_never_evaluates_code():
     with pytest.raises(ValueError, match="not a Python literal"):
         pp.parse("resize(__import__('os').getpid())")

@@ -202,13 +202,47 @@ def test_empty_captions_are_dropped_and_counted(tok, tmp_path_factory):
     for blank in ("  ", "\u3000"):  # ASCII blank (graph check), blank after NFKC (in Python).
         with pytest.raises(tf.errors.InvalidArgumentError, match="empty caption"):
             op({"text": tf.constant(blank)})
+        with pytest.raises(tf.errors.InvalidArgumentError, match="empty caption"):
+            op({"text": tf.constant(["a red circle", blank])})  # One blank fails the vector.
+
+
+@pytest.mark.parametrize("image_pp", ["decode", "decode|resize(32)"])
+def test_cached_caption_pp_gives_the_uncached_batches(tok, scenes_cfg, image_pp):
+    """configs' caption_pp: every caption tokenized before `cache`, then a choice of the ids, draws
+    what choosing the text and tokenizing it draws (same pp position), over 2+ epochs of scenes/tiny."""
+    batches = {}
+    for cached in (True, False):
+        cfg = dict(
+            data=dict(scenes_cfg),
+            pp=pp_text.caption_pp(image_pp, tok.path, 20, cached=cached),
+            batch_size=16,
+            shuffle_buffer_size=100,
+        )
+        it = input_pipeline.TrainIterator(cfg, seed=4, process_index=0, process_count=1)
+        assert "|cache|" in cfg["pp"] if cached else "cache" not in cfg["pp"]
+        batches[cached] = [next(it) for _ in range(2 * it.epoch_size // 16 + 1)]
+    for a, b in zip(batches[True], batches[False], strict=True):
+        assert sorted(a) == ["image", "labels"] == sorted(b)
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["labels"], b["labels"])
+
+
+def test_tokenize_op_on_a_vector_gives_each_string_its_scalar_ids(tok):
+    """All captions tokenized at once (a cached pp prefix) == one caption at a time."""
+    op = tf.function(pp.parse(f"tokenize(6, {tok.path!r}, outkey='ids')"))
+    texts = [t for t in CAPTIONS if t.strip()]
+    rows = op({"text": tf.constant(texts)})["ids"].numpy()
+    assert rows.shape == (len(texts), 6)
+    for text, row in zip(texts, rows, strict=True):
+        np.testing.assert_array_equal(row, op({"text": tf.constant(text)})["ids"].numpy())
+    np.testing.assert_array_equal(rows, tok.encode(texts, 6))
 
 
 def test_tokenize_op_rejects_bad_setups_at_build_time(tok):
     with pytest.raises(FileNotFoundError):
         pp.parse("tokenize(8, 'no/such.model')")
-    with pytest.raises(ValueError, match="scalar string.*choice"):
-        pp.parse(f"tokenize(8, {tok.path!r})")({"text": tf.constant(["a", "b"])})
+    with pytest.raises(ValueError, match="vector of strings.*choice"):
+        pp.parse(f"tokenize(8, {tok.path!r})")({"text": tf.constant([["a", "b"]])})
     assert pp_text.get_tokenizer(tok.path) is pp_text.get_tokenizer(tok.path)  # Cached.
 
 

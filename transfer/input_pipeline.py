@@ -14,6 +14,12 @@ Examples whose pp fails (corrupt or truncated image bytes, crops larger than the
 dropped by `ignore_errors`; each kept example carries its stream index, so the number dropped
 is exact: raw records consumed minus examples returned.
 
+A `cache` marker in the pp (`decode|flatten|tokenize(...)|cache|choice(...)|...`) runs the ops
+before it once per example at start-up and keeps their outputs in memory (the whole host slice:
+for datasets that fit, e.g. the embedded ones); the stream then shuffles those outputs instead of
+raw records, and the rest of the pp draws the same seeds as without the marker. An epoch is then
+the examples the prefix kept; the ones it failed on are dropped and counted once.
+
 `input.data.name="img2dataset"` reads image-caption shards instead of TFDS (transfer/shards.py),
 with the same stream, seeds, resume and skipping. Any other source plugs in by import string,
 `input.data.source="package.module:Class"`: `Class(data_cfg)` with `num_examples(index, count)`
@@ -210,13 +216,10 @@ def _stream_seed(key: int, index: tf.Tensor) -> tf.Tensor:
     return tf.stack([tf.constant(key, tf.int64), tf.cast(index, tf.int64)])
 
 
-def _prepare_fn(
-    pp_string: str, example_key: int, fetch: Any = None, pp_modules: Sequence[str] = ()
-) -> Any:
-    """Wraps the pp: adds `_seed` from the stream index, keeps `_index` and `_converted`; a
+def _prepare_fn(pp_fn: pp_lib.Op, example_key: int, fetch: Any = None) -> Any:
+    """Wraps the pp op: adds `_seed` from the stream index, keeps `_index` and `_converted`; a
     source's `fetch` (reading files a raw example points to) runs first, so its errors drop and
     count the example like a corrupt image."""
-    pp_fn = pp_lib.parse(pp_string, pp_modules)
 
     def prepare(example: dict[str, Any], index: tf.Tensor) -> dict[str, Any]:
         if fetch is not None:
@@ -256,6 +259,27 @@ def _check_pp(raw: tf.data.Dataset, prepare: Any, pp_string: str) -> None:
         f"pp {pp_string!r} fails on the first {_CHECK_EXAMPLES} examples (image "
         f"features arrive encoded: start the pp with `decode`): {error.message}"
     )
+
+
+def _cache_prefix(
+    raw: tf.data.Dataset, prefix: pp_lib.Op, fetch: Any
+) -> tuple[tf.data.Dataset, int]:
+    """(the pp's prefix, the ops before `cache`, over `raw`, kept in memory; its length). The
+    prefix runs once, now: examples it fails on are dropped here, once."""
+
+    def run(example: dict[str, Any]) -> dict[str, Any]:
+        return prefix(fetch(example) if fetch is not None else example)
+
+    try:
+        ds = raw.map(run, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    except KeyError as e:  # pp._op_seed: a random op got no `_seed`.
+        raise ConfigError(
+            f"{e.args[0]} The ops before `{pp_lib.CACHE}` run once per example, without a seed: "
+            f"move the random op after `{pp_lib.CACHE}`."
+        ) from None
+    ds = ds.ignore_errors().cache()
+    kept = int(ds.reduce(np.int64(0), lambda n, _: n + 1))  # Fills the cache every epoch reads.
+    return ds, kept
 
 
 def _options() -> tf.data.Options:
@@ -337,10 +361,17 @@ class TrainIterator:
         if start_position < 0:
             raise ValueError(f"start_position must be >= 0, got {start_position}")
         raw = _host_raw(builder, data_cfg, index, count)
-        prepare = _prepare_fn(input_cfg["pp"], _seed_key(seed, 1), _fetch(builder), pp_modules)
-        _check_pp(raw, prepare, input_cfg["pp"])
-        if input_cfg.get("cache_raw", False):
+        pp_string, key, fetch = input_cfg["pp"], _seed_key(seed, 1), _fetch(builder)
+        full = pp_lib.parse(pp_string, pp_modules)
+        _check_pp(raw, _prepare_fn(full, key, fetch), pp_string)
+        prefix, rest = pp_lib.parse_cached(pp_string, pp_modules)
+        self.cache_dropped = 0
+        if prefix is not None:
+            raw, kept = _cache_prefix(raw, prefix, fetch)
+            self.cache_dropped, self.epoch_size, fetch = self.epoch_size - kept, kept, None
+        elif input_cfg.get("cache_raw", False):
             raw = raw.cache()
+        prepare = _prepare_fn(rest, key, fetch)
         shuffle = input_cfg.get("shuffle_buffer_size", 10_000) or 0
         stream = _train_stream(
             raw, self.epoch_size, int(shuffle), _seed_key(seed, 2), start_position
@@ -366,8 +397,11 @@ class TrainIterator:
     def stats(self) -> dict[str, int]:
         """Bad examples dropped (cumulative) and images converted to RGB (this iterator)."""
         consumed = self.position - self._start_position
+        # Examples the cached pp prefix failed on drop once per run (a resume starts from the
+        # saved count, which has them).
+        cached = self.cache_dropped if self._start_position == 0 else 0
         return {
-            "input/skipped": self._start_skipped + consumed - self._returned,
+            "input/skipped": self._start_skipped + cached + consumed - self._returned,
             "input/converted": self._converted,
         }
 
@@ -414,7 +448,7 @@ class EvalBatches:
         largest = max(_host_count(builder, data_cfg, i, count) for i in range(count))
         self.num_batches = math.ceil(largest / self.batch_size)
         raw = _host_raw(builder, data_cfg, index, count)
-        prepare = _prepare_fn(eval_input_cfg["pp"], _seed_key(0, 3), _fetch(builder))
+        prepare = _prepare_fn(pp_lib.parse(eval_input_cfg["pp"]), _seed_key(0, 3), _fetch(builder))
         ds = _finish(
             _with_indices(raw), prepare, self.batch_size, False, eval_input_cfg.get("prefetch", 2)
         )

@@ -13,6 +13,10 @@ Random ops are stateless so that a resumed run reproduces the same crops and fli
 example's stream position). `parse` offsets that seed by the op's position in the pp string and
 each random op adds its own name, so two random ops never share randomness.
 Keys starting with "_" are pipeline-internal and survive `keep`.
+
+A training pp may hold one `cache` marker: the deterministic ops before it run once per example
+and their outputs stay in memory (small datasets: decoding and tokenizing leave each step's CPU
+time); it takes no position, so seeds are the same with and without it (`parse_cached`).
 """
 
 from __future__ import annotations
@@ -127,22 +131,34 @@ def offset_seed(seed: Any, salt: int) -> tf.Tensor:
     return tf.cast(seed, tf.int64) + tf.constant([mixed, 0], tf.int64)
 
 
-def parse(pp_string: str, modules: Sequence[str] = ()) -> Op:
-    """Builds the composed op of a pp string (after importing the op `modules`); "" is the identity."""
+CACHE = "cache"  # The marker that ends a train pp's cached prefix (see `parse_cached`).
+
+
+def _parse_ops(pp_string: str, modules: Sequence[str]) -> list[Op | None]:
+    """The ops of a pp string in order; None stands for a `cache` marker."""
     import_modules(modules)
-    ops: list[Op] = []
-    if pp_string.strip():
-        source = f"({pp_string.strip()})"
-        try:
-            tree = ast.parse(source, mode="eval").body
-        except SyntaxError as e:
-            raise ConfigError(f"Cannot parse pp string {pp_string!r}: {e.msg}") from e
-        ops = [_build(node, source) for node in _leaves(tree)]
+    if not pp_string.strip():
+        return []
+    source = f"({pp_string.strip()})"
+    try:
+        tree = ast.parse(source, mode="eval").body
+    except SyntaxError as e:
+        raise ConfigError(f"Cannot parse pp string {pp_string!r}: {e.msg}") from e
+    leaves = _leaves(tree)
+    return [None if _is_marker(n) else _build(n, source) for n in leaves]
+
+
+def _is_marker(node: ast.expr) -> bool:
+    return isinstance(node, ast.Name) and node.id == CACHE
+
+
+def _compose(ops: Sequence[Op], first_position: int = 0) -> Op:
+    """Runs `ops` in order; each random op sees `_seed` offset by its position in the pp string."""
 
     def apply(example: Mapping[str, Any]) -> Example:
         example = dict(example)
         base_seed = example.get("_seed")
-        for position, op in enumerate(ops):
+        for position, op in enumerate(ops, first_position):
             if base_seed is not None:
                 example["_seed"] = offset_seed(base_seed, position + 1)
             example = dict(op(example))
@@ -151,6 +167,30 @@ def parse(pp_string: str, modules: Sequence[str] = ()) -> Op:
         return example
 
     return apply
+
+
+def parse(pp_string: str, modules: Sequence[str] = ()) -> Op:
+    """Builds the composed op of a pp string (after importing the op `modules`); "" is the identity.
+    A `cache` marker is skipped: it takes no position, so the ops after it keep their seeds."""
+    return _compose([op for op in _parse_ops(pp_string, modules) if op is not None])
+
+
+def parse_cached(pp_string: str, modules: Sequence[str] = ()) -> tuple[Op | None, Op]:
+    """(prefix, rest) of a pp string split at its `cache` marker; prefix is None without one.
+
+    `decode|flatten|tokenize(...)|cache|choice(...)|...`: the training input runs the prefix once
+    per example and keeps its outputs in memory, so the prefix must be deterministic (it gets no
+    `_seed`). The rest keeps the positions it has in the whole string, so its random ops draw
+    exactly what `parse(pp_string)` draws.
+    """
+    ops = _parse_ops(pp_string, modules)
+    if None not in ops:
+        return None, _compose(ops)
+    cut = ops.index(None)
+    prefix, rest = ops[:cut], ops[cut + 1 :]
+    if None in rest:
+        raise ConfigError(f"pp string {pp_string!r} has more than one `{CACHE}` marker")
+    return _compose(prefix), _compose(rest, first_position=len(prefix))
 
 
 def _keys(key: str | Sequence[str]) -> tuple[str, ...]:

@@ -1,4 +1,4 @@
-"""Text pp ops: `tokenize` turns one caption into SentencePiece ids (conventions in `tokenizer`).
+"""Text pp ops: `tokenize` turns a caption (or a vector of them) into SentencePiece ids (conventions in `tokenizer`).
 
 A typical captioning pp string:
 
@@ -39,33 +39,65 @@ def get_tokenize(
     pad_id: int | None = None,
     eos_id: int | None = None,
 ) -> pp.Op:
-    """Scalar string `key` -> int32 [max_len] ids in `outkey` (default: `key`): pieces, EOS, pad.
+    """String `key` -> int32 ids in `outkey` (default: `key`): pieces, EOS, pad. A scalar gives
+    [max_len]; a vector of N strings (e.g. all captions, before a `cache` marker and a `choice`
+    of the ids) gives [N, max_len], each row exactly the scalar op's ids for that string.
 
     An empty or blank caption fails the example, so the input pipeline drops it and counts it
-    as skipped, like a corrupt image: a caption target of a lone EOS would teach nothing.
+    as skipped, like a corrupt image: a caption target of a lone EOS would teach nothing. For a
+    vector this holds for every string in it.
     """
     if max_len < 2:
         raise ValueError(f"tokenize: max_len must be >= 2 (a piece and EOS), got {max_len}")
     # Loaded here, not inside the graph: a wrong path must fail the pp build, not drop every example.
     tok = get_tokenizer(model, pad_id, eos_id)
 
-    def encode(text: bytes) -> np.ndarray:
-        ids = tok.encode(text, max_len)[0]
-        if ids[0] == tok.eos_id:  # Nothing left after SentencePiece's normalisation.
-            raise ValueError(f"tokenize: empty caption in {key!r} after normalisation: {text!r}")
-        return ids
+    def encode(text: bytes | np.ndarray) -> np.ndarray:
+        text = np.asarray(text, dtype=object)
+        texts = text.reshape(-1).tolist()
+        ids = tok.encode(texts, max_len)
+        blank = ids[:, 0] == tok.eos_id  # Nothing left after SentencePiece's normalisation.
+        if blank.any():
+            empty = texts[int(np.argmax(blank))]
+            raise ValueError(f"tokenize: empty caption in {key!r} after normalisation: {empty!r}")
+        return ids.reshape(*text.shape, max_len)
 
     def op(example: pp.Example) -> pp.Example:
         text = tf.convert_to_tensor(example[key])
-        if text.dtype != tf.string or text.shape.rank != 0:
+        if text.dtype != tf.string or text.shape.rank not in (0, 1):
             raise ValueError(
-                f"tokenize: {key!r} must be a scalar string, got {text.dtype.name} of shape "
-                f"{text.shape}; pick one caption first, e.g. choice(key=..., outkey={key!r})"
+                f"tokenize: {key!r} must be a string or a vector of strings, got "
+                f"{text.dtype.name} of shape {text.shape}; pick one caption first, e.g. "
+                f"choice(key=..., outkey={key!r})"
             )
-        not_blank = tf.strings.length(tf.strings.strip(text)) > 0
+        not_blank = tf.reduce_all(tf.strings.length(tf.strings.strip(text)) > 0)
         check = tf.debugging.Assert(not_blank, [f"tokenize: empty caption in {key!r}"])
         with tf.control_dependencies([check]):
             ids = tf.numpy_function(encode, [text], tf.int32, stateful=False)
-        return {**example, outkey or key: tf.ensure_shape(ids, [max_len])}
+        shape = [max_len] if text.shape.rank == 0 else [None, max_len]
+        return {**example, outkey or key: tf.ensure_shape(ids, shape)}
 
     return op
+
+
+def caption_pp(
+    image_pp: str, tokenizer: str, max_len: int, *, cached: bool, key: str = "captions/text"
+) -> str:
+    """The captioning train pp: `image_pp` (uint8 ops, e.g. "decode|resize(64)") then [-1, 1], one of
+    the image's captions `key` drawn per example and step, its ids in `labels`.
+
+    `cached=True` (datasets that fit in memory): every caption is tokenized before a `cache`
+    marker, so decoding and tokenizing run once per image (transfer/input_pipeline.py), and the
+    draw is a `choice` of the ids at the same pp position as in the uncached string: both give
+    the same batches.
+    """
+    tok = f"tokenize(max_len={max_len}, model='{tokenizer}'"
+    if cached:
+        return (
+            f"{image_pp}|flatten|{tok}, key='{key}', outkey='caption_ids')|cache"
+            "|choice(key='caption_ids', outkey='labels')|value_range(-1, 1)|keep('image', 'labels')"
+        )
+    return (
+        f"{image_pp}|value_range(-1, 1)|flatten|choice(key='{key}', outkey='text')"
+        f"|{tok}, key='text', outkey='labels')|keep('image', 'labels')"
+    )
