@@ -272,8 +272,10 @@ def _cache_prefix(
 
     try:
         ds = raw.map(run, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    except KeyError as e:  # pp._op_seed: a random op got no `_seed`.
-        raise ConfigError(
+    except KeyError as e:
+        if "_seed" not in str(e):
+            raise
+        raise ConfigError(  # pp._op_seed: a random op got no `_seed`.
             f"{e.args[0]} The ops before `{pp_lib.CACHE}` run once per example, without a seed: "
             f"move the random op after `{pp_lib.CACHE}`."
         ) from None
