@@ -1,4 +1,4 @@
-"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~5 minutes and clearly learns.
+"""A tiny CapPa on the embedded `scenes` captions: pretrains on 2 CPU cores in ~4.5 minutes and clearly learns.
 
   cappa tokenizer train --dataset scenes --vocab_size 256 --model_type bpe --out workdirs/tokenizers/scenes_bpe256.model
   cappa train --config configs/cappa_tiny.py --workdir workdirs/cappa_tiny
@@ -31,8 +31,8 @@ def get_config(arg=None):
     c = ml_collections.ConfigDict()
     c.task = "pretrain.cappa_task"
     c.seed = 0
-    # ~5 minutes on 2 idle cores with huge pages (docs/cpu_hosts.md); 3,000 probe better still (docs/demo_sweep.md)
-    # but do not fit the demo's 15 minutes next to every transfer from two towers.
+    # ~4.5 minutes on 2 idle cores with huge pages (docs/cpu_hosts.md). 3,000 probe better still but cost the
+    # demo an OCR row and two of its minutes (docs/demo_sweep.md).
     c.total_steps = 2200
     # Cap only unless `pa`: at this budget every Pa share tried probed worse (docs/demo_sweep.md).
     c.masked_pred_prob = 0.75 if args["pa"] else 0.0
