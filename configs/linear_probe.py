@@ -22,11 +22,9 @@ cappa_tiny = sibling(__file__, "cappa_tiny.py")
 
 # configs/cappa_tiny.py's image tower.
 TOWER = cappa_tiny.get_config().model.img.to_dict()
-DATASETS = {  # name: (num_classes, image pp up to 64x64 in [-1, 1])
-    "scenes": (
-        42,
-        "decode|keep('image', 'label')|cache|value_range(-1, 1)",
-    ),  # cache: when trained live
+# name: (num_classes, image pp up to 64x64 in [-1, 1]); trained live, scenes keeps its decoded images in memory.
+DATASETS = {
+    "scenes": (42, "decode|keep('image', 'label')|cache|value_range(-1, 1)"),
     "digits": (10, "decode|resize(64)|value_range(-1, 1)|keep('image', 'label')"),
 }
 
