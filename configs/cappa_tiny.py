@@ -32,7 +32,7 @@ def get_config(arg=None):
     c.task = "pretrain.cappa_task"
     c.seed = 0
     # ~4.5 minutes on 2 idle cores with huge pages (docs/cpu_hosts.md). 3,000 probe better still but cost the
-    # demo an OCR row and two of its minutes (docs/demo_sweep.md).
+    # demo an OCR row and about a minute and a half (docs/demo_sweep.md).
     c.total_steps = 2200
     # Cap only unless `pa`: at this budget every Pa share tried probed worse (docs/demo_sweep.md).
     c.masked_pred_prob = 0.75 if args["pa"] else 0.0

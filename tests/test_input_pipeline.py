@@ -312,11 +312,13 @@ def _raw_order(data_dir):
     return [int(e["id"]) for e in builder.as_dataset(split="train", shuffle_files=False)]
 
 
-def test_bad_images_skipped_and_counted(data_dir):
+@pytest.mark.parametrize("cached", [False, True])
+def test_bad_images_skipped_and_counted(data_dir, cached):
+    """Without a cache, every pass over a bad image drops it again; a cached prefix drops it once."""
     iterator = _train(
         data_dir,
         name="cappa_test_raw",
-        pp="decode|keep('image', 'id')",
+        pp="decode|cache|keep('image', 'id')" if cached else "decode|keep('image', 'id')",
         batch_size=4,
         shuffle_buffer_size=0,
     )
@@ -324,37 +326,32 @@ def test_bad_images_skipped_and_counted(data_dir):
     stream = _raw_order(data_dir) * 3
     good = [i for i in stream if not KINDS[_kind(i)][1]]
     assert _ids(batches) == good[:48]
-    position = iterator.position
-    assert stream[position - 1] == good[47]
-    bad_seen = sum(KINDS[_kind(i)][1] for i in stream[:position])
+    bad_per_epoch = len(stream) // 3 - len(good) // 3
+    if cached:  # Positions count the kept examples only.
+        assert iterator.epoch_size == len(good) // 3 and iterator.cache_dropped == bad_per_epoch
+        assert iterator.position == 48
+        skipped = bad_per_epoch
+    else:
+        assert stream[iterator.position - 1] == good[47]
+        skipped = sum(KINDS[_kind(i)][1] for i in stream[: iterator.position])
     converted = sum(KINDS[_kind(i)][2] for i in good[:48])
-    assert iterator.stats() == {"input/skipped": bad_seen, "input/converted": converted}
+    assert iterator.stats() == {"input/skipped": skipped, "input/converted": converted}
     assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)
 
 
-def test_bad_images_dropped_once_by_a_cached_prefix(data_dir):
-    iterator = _train(
-        data_dir,
-        name="cappa_test_raw",
-        pp="decode|cache|keep('image', 'id')",
-        batch_size=4,
-        shuffle_buffer_size=0,
-    )
-    batches = _take(iterator, 12)  # More than two epochs of the 20 good examples.
-    good = [i for i in _raw_order(data_dir) if not KINDS[_kind(i)][1]]
-    assert _ids(batches) == (good * 3)[:48]
-    bad = len(_raw_order(data_dir)) - len(good)
-    assert iterator.epoch_size == len(good) and iterator.cache_dropped == bad
-    assert iterator.stats()["input/skipped"] == bad  # Once, not once per epoch.
-
-
-def test_resume_with_bad_images(data_dir):
-    kw = dict(
-        name="cappa_test_raw", pp="decode|random_crop(12)|keep('image', 'id')", batch_size=4, seed=5
-    )
+@pytest.mark.parametrize(
+    "pp",
+    [
+        "decode|random_crop(12)|keep('image', 'id')",
+        "decode|cache|random_crop(12)|keep('image', 'id')",
+    ],
+)
+def test_resume_with_bad_images(data_dir, pp):
+    kw = dict(name="cappa_test_raw", pp=pp, batch_size=4, seed=5)
     original = _train(data_dir, **kw)
     _take(original, 4)
     position, skipped = original.position, original.stats()["input/skipped"]
+    assert skipped > 0
     expected = _take(original, 4)
     resumed = ip.TrainIterator(
         _cfg(data_dir, **{k: v for k, v in kw.items() if k != "seed"}),
@@ -366,6 +363,11 @@ def test_resume_with_bad_images(data_dir):
     )
     _assert_same(_take(resumed, 4), expected)
     assert resumed.stats()["input/skipped"] == original.stats()["input/skipped"]
+
+
+def test_cache_marker_and_cache_raw_are_not_both_set(data_dir):
+    with pytest.raises(ConfigError, match="cache_raw.*`cache` marker"):
+        _train(data_dir, pp="decode|cache|keep('image', 'id')", cache_raw=True)
 
 
 # ----------------------------------------------------------------------------- evaluation

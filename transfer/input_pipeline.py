@@ -368,6 +368,11 @@ class TrainIterator:
         _check_pp(raw, _prepare_fn(full, key, fetch), pp_string)
         prefix, rest = pp_lib.parse_cached(pp_string, pp_modules)
         self.cache_dropped = 0
+        if prefix is not None and input_cfg.get("cache_raw", False):
+            raise ConfigError(
+                "input.cache_raw and a `cache` marker in input.pp both cache the data: keep one "
+                "(the marker also keeps the work of the ops before it)."
+            )
         if prefix is not None:
             raw, kept = _cache_prefix(raw, prefix, fetch)
             self.cache_dropped, self.epoch_size, fetch = self.epoch_size - kept, kept, None
